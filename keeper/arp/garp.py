@@ -1,0 +1,75 @@
+"""Announce an IP/MAC from a new port with gratuitous ARP (scapy), off the event loop.
+
+Schedule. QEMU's announce-self sends 5 rounds at 0, 50, 200, 450 and 800 ms. Ours is
+0, 20, 100 and 300 ms: the first frame is what moves the switch's forwarding entry
+(tests/arp shows the MAC on the new port right after it), so it goes out at once;
+the repeats only cover a lost frame, and they must land before the client's first
+TCP retransmission timeout (200 ms minimum on Linux) plus one backoff, because a
+client whose frames still go to the old port is what turns a short pause into
+several RTOs. Past a few hundred milliseconds Domain R's own traffic (the window
+probe at restore, echoes) keeps the entry fresh anyway.
+
+Frame: an ARP request with sender = target = Domain R's IP, from its MAC to
+broadcast (the form `arping -U` and Linux use), so every bridge on the path learns
+the MAC on the port it arrived from and every neighbour refreshes its cache.
+
+The scapy socket is opened in the constructor: create the Announcer in the
+namespace (and thread) that owns the interface, before it is needed, because
+importing scapy and opening the socket take far longer than the pause we allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+DEFAULT_SCHEDULE_MS: tuple[int, ...] = (0, 20, 100, 300)
+
+
+class Announcer:
+    def __init__(self, iface: str, ip: str, mac: str) -> None:
+        from scapy.config import conf
+        from scapy.layers.l2 import ARP, Ether  # heavy import: at setup, not at resume
+
+        self.iface, self.ip, self.mac = iface, ip, mac
+        self._frame = bytes(
+            Ether(src=mac, dst="ff:ff:ff:ff:ff:ff")
+            / ARP(op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=ip)
+        )
+        self._sock = conf.L2socket(iface=iface)
+        self._lock = threading.Lock()
+        self.sent = 0
+
+    def send_once(self) -> None:
+        with self._lock:
+            self._sock.send(self._frame)
+            self.sent += 1
+
+    def run(self, schedule_ms: Sequence[int] = DEFAULT_SCHEDULE_MS) -> float:
+        """Send one frame per scheduled offset; blocking. Returns seconds to the first frame."""
+        start = time.monotonic()
+        first = 0.0
+        for i, offset in enumerate(schedule_ms):
+            delay = start + offset / 1000 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.send_once()
+            if i == 0:
+                first = time.monotonic() - start
+        return first
+
+    async def announce(self, schedule_ms: Sequence[int] = DEFAULT_SCHEDULE_MS) -> None:
+        """Send on the schedule; the loop keeps time, a worker thread does the sending."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for offset in schedule_ms:
+            delay = start + offset / 1000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await asyncio.to_thread(self.send_once)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close()

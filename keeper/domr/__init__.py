@@ -1,0 +1,1 @@
+"""Domain R: the keeper process that hosts the remote-management servers and backends."""

@@ -1,0 +1,37 @@
+"""What a Domain R checkpoint holds: every session's protocol state and its TCP socket."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keeper import serial
+from keeper.console.raw import RawSession
+from keeper.net.tcprepair import TcpRepairRecord
+
+KIND = "domr-checkpoint"
+
+
+@dataclass(slots=True)
+class SessionCheckpoint:
+    service: str  # "console"
+    session: RawSession
+    tcp: TcpRepairRecord
+
+
+@dataclass(slots=True)
+class DomrCheckpoint:
+    name: str
+    ip: str
+    mac: str
+    next_session_id: int
+    sessions: list[SessionCheckpoint] = field(default_factory=list)
+    # sessions that could not be moved, with the reason (they end on the source)
+    left_behind: list[str] = field(default_factory=list)
+
+
+def encode(ckpt: DomrCheckpoint) -> bytes:
+    return serial.dumps(KIND, ckpt)
+
+
+def decode(blob: bytes) -> DomrCheckpoint:
+    return serial.loads(KIND, blob, DomrCheckpoint)

@@ -1,0 +1,151 @@
+"""`keeper domr`: the Domain R process. Runs in its own namespace, steered by its host agent.
+
+The host agent talks to it over a Unix socket (a filesystem path, reachable across
+network namespaces), the stand-in for Xen's inter-domain control channel:
+
+    GET  /status                      sessions and counters
+    POST /quiesce                     stop accepting, reading and writing
+    POST /checkpoint                  dump sessions + sockets (link must be down)
+    POST /abort                       roll back a quiesce or checkpoint, serve here
+    POST /commit                      the move succeeded: drop everything silently, exit
+    POST /restore   (checkpoint body) rebuild sessions, sockets in repair mode
+    POST /resume                      leave repair, announce, serve
+    POST /announce                    one gratuitous ARP now
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from keeper.domr.server import DomainR
+from keeper.errors import KeeperError
+from keeper.lab import netns
+
+log = logging.getLogger("keeper.domr")
+
+
+def build_app(domr: DomainR) -> web.Application:
+    routes = web.RouteTableDef()
+
+    def guarded(fn):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                return await fn(request)
+            except KeeperError as exc:
+                return web.json_response({"error": str(exc)}, status=409)
+
+        return handler
+
+    @routes.get("/status")
+    @guarded
+    async def status(_: web.Request) -> web.StreamResponse:
+        return web.json_response(domr.status())
+
+    @routes.post("/quiesce")
+    @guarded
+    async def quiesce(_: web.Request) -> web.StreamResponse:
+        domr.quiesce()
+        return web.json_response({"phase": domr.phase.value})
+
+    @routes.post("/checkpoint")
+    @guarded
+    async def checkpoint(_: web.Request) -> web.StreamResponse:
+        blob = domr.checkpoint()
+        return web.Response(
+            body=blob, content_type="application/octet-stream",
+            headers={"X-Keeper-Dump-Ms": f"{domr.last_move.dump_ms:.3f}",
+                     "X-Keeper-Sessions": str(domr.last_move.sessions)},
+        )
+
+    @routes.post("/abort")
+    @guarded
+    async def abort(_: web.Request) -> web.StreamResponse:
+        domr.abort()
+        return web.json_response({"phase": domr.phase.value})
+
+    @routes.post("/commit")
+    @guarded
+    async def commit(_: web.Request) -> web.StreamResponse:
+        domr.commit()
+        return web.json_response({"phase": domr.phase.value})
+
+    @routes.post("/restore")
+    @guarded
+    async def restore(request: web.Request) -> web.StreamResponse:
+        stats = domr.restore(await request.read())
+        return web.json_response({"sessions": stats.sessions, "restore_ms": stats.restore_ms})
+
+    @routes.post("/resume")
+    @guarded
+    async def resume(_: web.Request) -> web.StreamResponse:
+        await domr.resume()
+        return web.json_response({"phase": domr.phase.value})
+
+    @routes.post("/announce")
+    @guarded
+    async def announce(_: web.Request) -> web.StreamResponse:
+        await domr.announce_now()
+        return web.json_response({"ok": True})
+
+    app = web.Application(client_max_size=1 << 30)
+    app.add_routes(routes)
+    return app
+
+
+async def serve(args: argparse.Namespace) -> int:
+    domr = DomainR(args.name, args.ip, args.mac, console_port=args.console_port,
+                   announce=not args.no_announce)
+    domr.prepare_announcer()
+    domr.bind()
+    if not args.restore:
+        domr.start()
+    runner = web.AppRunner(build_app(domr), access_log=None)
+    await runner.setup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(args.control)
+    old = os.umask(0o077)  # the control socket (and later, checkpoints) are root's alone
+    try:
+        site = web.UnixSite(runner, args.control)
+        await site.start()
+    finally:
+        os.umask(old)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, domr.stopped.set)
+    log.info("Domain R %s %s %s ready (%s)", args.name, args.ip, args.mac,
+             "awaiting restore" if args.restore else "serving")
+    await domr.stopped.wait()
+    await asyncio.sleep(0.05)  # let the last control reply go out
+    await domr.close()
+    await runner.cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(args.control)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run a Domain R process (its host agent starts it)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--ip", required=True)
+    p.add_argument("--mac", required=True)
+    p.add_argument("--netns", required=True, help="network namespace to run in")
+    p.add_argument("--control", required=True, help="Unix socket path for the host agent")
+    p.add_argument("--console-port", type=int, default=2323)
+    p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
+    p.add_argument("--no-announce", action="store_true", help="no gratuitous ARP on resume")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    netns.enter(args.netns)  # first, before any thread exists
+    logging.getLogger().setLevel(logging.INFO)
+    import uvloop
+
+    return uvloop.run(serve(args))

@@ -1,0 +1,387 @@
+"""The Domain R session host: raw console sessions over real sockets, movable.
+
+Each connection is a sans-I/O `RawSession` driven by a thin adapter on the event
+loop's reader/writer callbacks. We do our own `send`, so at any instant every byte
+is in exactly one place we can checkpoint: the session's `pending_out`, or the
+kernel's send queue (taken by TCP repair). asyncio transports would hide a write
+buffer we could not checkpoint.
+
+Lifecycle seen by the host agent (see keeper.hostd.mm_r for the order it drives):
+
+    serving --quiesce--> quiesced --checkpoint--> dumped --commit--> (exit)
+       ^                    |                        |
+       +------ abort -------+-------- abort ---------+
+    (new process)  empty --restore--> restored --resume--> serving
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from keeper.console.raw import RawSession
+from keeper.domr import checkpoint as ck
+from keeper.errors import KeeperError, NotMovable
+from keeper.net import tcprepair
+from keeper.net.tcpinfo import tcp_info
+
+log = logging.getLogger("keeper.domr")
+
+CONSOLE_PORT = 2323
+RECV_CHUNK = 65536
+SEND_CHUNK = 1 << 20
+
+
+class Phase(enum.Enum):
+    EMPTY = "empty"  # a new process waiting for a checkpoint
+    SERVING = "serving"
+    QUIESCED = "quiesced"
+    DUMPED = "dumped"
+    RESTORED = "restored"
+    CLOSED = "closed"
+
+
+class EchoDevice:
+    """Stand-in device: what the client types comes straight back."""
+
+    def pump(self, session: RawSession) -> None:
+        data = session.take_input()
+        if data:
+            session.queue_output(data)
+
+
+class Conn:
+    """Asyncio adapter for one session: moves bytes between its socket and its core."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state: RawSession,
+        device: EchoDevice, on_close: Callable[[Conn, str], None],
+    ) -> None:
+        self.loop, self.sock, self.state, self.device = loop, sock, state, device
+        self._on_close = on_close
+        self._reading = self._writing = False
+        self.retransmits_at_start = 0
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.device.pump(self.state)
+        self._flush()
+
+    def stop(self) -> None:
+        """Quiesce: no more reads or writes. What was read stays in the core."""
+        self._want(read=False, write=False)
+
+    def _want(self, *, read: bool, write: bool) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if read != self._reading:
+            if read:
+                self.loop.add_reader(self.fd, self._on_readable)
+            else:
+                self.loop.remove_reader(self.fd)
+            self._reading = read
+        if write != self._writing:
+            if write:
+                self.loop.add_writer(self.fd, self._flush)
+            else:
+                self.loop.remove_writer(self.fd)
+            self._writing = write
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"recv: {exc}")
+            return
+        self.state.receive(data)
+        self.device.pump(self.state)
+        self._flush()
+
+    def _flush(self) -> None:
+        st = self.state
+        while st.pending_out:
+            try:
+                n = self.sock.send(memoryview(st.pending_out)[:SEND_CHUNK])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.close(f"send: {exc}")
+                return
+            st.sent_bytes(n)
+        if st.finished:
+            self.close("client closed")
+            return
+        self._want(read=st.wants_input, write=bool(st.pending_out))
+
+    def close(self, why: str) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._on_close(self, why)
+
+
+@dataclass(slots=True)
+class MoveStats:
+    sessions: int = 0
+    bytes: int = 0
+    dump_ms: float = 0.0
+    restore_ms: float = 0.0
+
+
+class DomainR:
+    def __init__(
+        self, name: str, ip: str, mac: str, *, iface: str = "eth0",
+        console_port: int = CONSOLE_PORT, announce: bool = True,
+    ) -> None:
+        self.name, self.ip, self.mac, self.iface = name, ip, mac, iface
+        self.console_port = console_port
+        self.device = EchoDevice()
+        self.conns: dict[int, Conn] = {}
+        self.next_id = 1
+        self.phase = Phase.EMPTY
+        self.listener: socket.socket | None = None
+        self.loop = asyncio.get_running_loop()
+        self.left_behind: list[str] = []
+        self.closed_sessions = 0
+        self.last_move = MoveStats()
+        self.announce_enabled = announce
+        self._announcer = None
+        self._announce_tasks: set[asyncio.Task[None]] = set()
+        self.stopped = asyncio.Event()
+
+    # -- serving --------------------------------------------------------------
+
+    def prepare_announcer(self) -> None:
+        """Open the ARP socket now, in our namespace, so resume does not wait for scapy."""
+        from keeper.arp import Announcer
+
+        self._announcer = Announcer(self.iface, self.ip, self.mac)
+
+    def bind(self) -> None:
+        """Bind and listen (not yet accepting). Before any restore: a restored socket
+        may share the port with a listener only while it is in repair mode."""
+        if self.listener is None:
+            ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind((self.ip, self.console_port))
+            ls.listen(512)
+            ls.setblocking(False)
+            self.listener = ls
+
+    def start(self) -> None:
+        self.bind()
+        assert self.listener is not None
+        self.loop.add_reader(self.listener.fileno(), self._accept_ready)
+        self.phase = Phase.SERVING
+
+    def _accept_ready(self) -> None:
+        assert self.listener is not None
+        for _ in range(64):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                return
+            self._adopt(sock, start=self.phase is Phase.SERVING)
+
+    def _adopt(self, sock: socket.socket, *, start: bool) -> Conn:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        state = RawSession(id=self.next_id)
+        self.next_id += 1
+        conn = Conn(self.loop, sock, state, self.device, self._closed)
+        self.conns[state.id] = conn
+        if start:
+            conn.start()
+        return conn
+
+    def _closed(self, conn: Conn, why: str) -> None:
+        if self.conns.pop(conn.state.id, None) is not None:
+            self.closed_sessions += 1
+            log.info("session %d closed: %s", conn.state.id, why)
+
+    # -- moving ---------------------------------------------------------------
+
+    def _require(self, *phases: Phase) -> None:
+        if self.phase not in phases:
+            raise KeeperError(
+                f"Domain R {self.name} is {self.phase.value}, "
+                f"expected {' or '.join(p.value for p in phases)}"
+            )
+
+    def quiesce(self) -> None:
+        """Stop accepting, reading and writing; everything stays where it is."""
+        self._require(Phase.SERVING, Phase.QUIESCED)
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+        for conn in self.conns.values():
+            conn.stop()
+        self.phase = Phase.QUIESCED
+
+    def checkpoint(self) -> bytes:
+        """Dump every session (the link must already be down). Sockets stay in repair mode.
+
+        Connections that completed their handshake but were not accepted yet are
+        accepted first: closing the listener would reset them.
+        """
+        self._require(Phase.QUIESCED)
+        t0 = time.perf_counter()
+        if self.listener is not None:
+            self._accept_ready()
+        self.left_behind = []
+        sessions: list[ck.SessionCheckpoint] = []
+        for sid, conn in list(self.conns.items()):
+            try:
+                rec = tcprepair.dump(conn.sock)
+            except NotMovable as exc:
+                self.left_behind.append(f"session {sid}: {exc}")
+                continue
+            sessions.append(ck.SessionCheckpoint("console", conn.state, rec))
+        blob = ck.encode(
+            ck.DomrCheckpoint(
+                name=self.name, ip=self.ip, mac=self.mac, next_session_id=self.next_id,
+                sessions=sessions, left_behind=list(self.left_behind),
+            )
+        )
+        self.last_move = MoveStats(
+            sessions=len(sessions), bytes=len(blob), dump_ms=(time.perf_counter() - t0) * 1e3
+        )
+        self.phase = Phase.DUMPED
+        return blob
+
+    def abort(self) -> None:
+        """Roll back: take the sockets out of repair mode and serve again, here."""
+        self._require(Phase.QUIESCED, Phase.DUMPED, Phase.SERVING)
+        if self.phase is Phase.DUMPED:
+            for conn in list(self.conns.values()):
+                with contextlib.suppress(KeeperError):
+                    tcprepair.leave_repair(conn.sock, window_probe=True)
+        for conn in list(self.conns.values()):
+            conn.start()
+        self.start()
+
+    def commit(self) -> None:
+        """The move succeeded elsewhere: drop everything without a sound."""
+        self._require(Phase.DUMPED)
+        for conn in list(self.conns.values()):
+            tcprepair.release(conn.sock)  # repair mode: no FIN, no RST
+        self.conns.clear()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self.phase = Phase.CLOSED
+        self.stopped.set()
+
+    def restore(self, blob: bytes) -> MoveStats:
+        """Bring sessions back from a checkpoint (link still down, sockets in repair)."""
+        self._require(Phase.EMPTY)
+        t0 = time.perf_counter()
+        doc = ck.decode(blob)
+        if (doc.name, doc.ip, doc.mac) != (self.name, self.ip, self.mac):
+            raise KeeperError(
+                f"checkpoint is for {doc.name} {doc.ip} {doc.mac}, this is "
+                f"{self.name} {self.ip} {self.mac}"
+            )
+        restored: list[Conn] = []
+        try:
+            for item in doc.sessions:
+                r = tcprepair.restore(item.tcp)
+                item.session.unqueue_front(r.resend)
+                conn = Conn(self.loop, r.sock, item.session, self.device, self._closed)
+                self.conns[item.session.id] = conn
+                restored.append(conn)
+        except BaseException:
+            for conn in restored:
+                tcprepair.release(conn.sock)
+            self.conns.clear()
+            raise
+        self.next_id = doc.next_session_id
+        self.left_behind = doc.left_behind
+        self.last_move = MoveStats(
+            sessions=len(restored), bytes=len(blob),
+            restore_ms=(time.perf_counter() - t0) * 1e3,
+        )
+        self.phase = Phase.RESTORED
+        return self.last_move
+
+    async def resume(self) -> None:
+        """Link is up: leave repair mode (window probe), announce, serve."""
+        self._require(Phase.RESTORED)
+        for conn in self.conns.values():
+            tcprepair.leave_repair(conn.sock, window_probe=True)
+            conn.retransmits_at_start = tcp_info(conn.sock).total_retrans
+        if self.announce_enabled and self._announcer is not None:
+            task = asyncio.create_task(self._announcer.announce())
+            self._announce_tasks.add(task)
+            task.add_done_callback(self._announce_tasks.discard)
+        for conn in list(self.conns.values()):
+            conn.start()
+        self.start()
+
+    async def announce_now(self) -> None:
+        if self._announcer is not None:
+            await self._announcer.announce((0,))
+
+    # -- reporting and shutdown -------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        sessions = []
+        for sid, conn in sorted(self.conns.items()):
+            entry: dict[str, object] = {
+                "id": sid, "received": conn.state.received, "sent": conn.state.sent,
+                "pending_in": len(conn.state.pending_in),
+                "pending_out": len(conn.state.pending_out),
+            }
+            with contextlib.suppress(OSError):
+                info = tcp_info(conn.sock)
+                entry["retransmits"] = info.total_retrans
+                entry["tcp_state"] = info.state_name
+            sessions.append(entry)
+        return {
+            "name": self.name, "ip": self.ip, "mac": self.mac, "phase": self.phase.value,
+            "console_port": self.console_port, "sessions": sessions,
+            "closed_sessions": self.closed_sessions, "left_behind": self.left_behind,
+            "last_move": {
+                "sessions": self.last_move.sessions, "bytes": self.last_move.bytes,
+                "dump_ms": self.last_move.dump_ms, "restore_ms": self.last_move.restore_ms,
+            },
+        }
+
+    async def close(self) -> None:
+        """Idempotent: stop accepting, close sessions (normally), stop announcing."""
+        if self.phase is Phase.CLOSED:
+            self.stopped.set()
+            return
+        if self.listener is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.conns.values()):
+            if self.phase in (Phase.DUMPED, Phase.RESTORED):
+                tcprepair.release(conn.sock)
+                self.conns.pop(conn.state.id, None)
+            else:
+                conn.close("Domain R shutting down")
+        for task in list(self._announce_tasks):
+            task.cancel()
+        if self._announce_tasks:
+            await asyncio.wait(self._announce_tasks, timeout=1)
+        if self._announcer is not None:
+            self._announcer.close()
+        self.phase = Phase.CLOSED
+        self.stopped.set()

@@ -1,0 +1,1 @@
+"""The host agent (`keeper hostd`): Dom0 of one host — places and moves Domain Rs."""

@@ -1,0 +1,26 @@
+"""`keeper hostd`: run the host agent of one lab host inside that host's namespace."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from keeper.lab import netns, topology
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("hostd", help="run a host agent (started by `keeper lab up`)")
+    p.add_argument("--lab", default="keeper")
+    p.add_argument("--host", required=True)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = topology.load(args.lab)
+    netns.enter(spec.host(args.host).ns)  # first, before any thread exists
+    import uvloop
+
+    from keeper.hostd.agent import serve
+
+    logging.getLogger().setLevel(logging.INFO)
+    return uvloop.run(serve(spec, args.host))

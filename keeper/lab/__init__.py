@@ -1,0 +1,1 @@
+"""The lab: a switch, hosts and a client as Linux network namespaces (pyroute2, no `ip`)."""

@@ -1,0 +1,156 @@
+"""A checking client for the console echo service, run from the lab's client namespace.
+
+It writes a deterministic byte stream and checks that what comes back is exactly
+that stream: every byte once, in order. It times each write until its echo arrives
+(the pause a user sees) and counts reconnects and TCP retransmissions. Sockets are
+created inside the client namespace and then driven from this process's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+from keeper.lab import netns
+from keeper.net.tcpinfo import tcp_info
+
+_PERIOD = 65521  # prime: offsets line up with no power-of-two block size
+_BLOCK = random.Random(0x6B70).randbytes(_PERIOD) * 2
+
+
+def pattern(conn_id: int, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of connection `conn_id`'s stream (position-dependent)."""
+    out = bytearray()
+    pos = offset + conn_id * 977
+    while length > 0:
+        start = pos % _PERIOD
+        n = min(length, _PERIOD)
+        out += _BLOCK[start:start + n]
+        pos += n
+        length -= n
+    return bytes(out)
+
+
+def open_in(ns: str, addr: tuple[str, int]) -> socket.socket:
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+@dataclass
+class EchoStats:
+    conn_id: int
+    sent: int = 0
+    received: int = 0
+    corrupted: int = 0
+    reconnects: int = 0
+    retransmits: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def max_latency_ms(self) -> float:
+        return max(self.latencies_ms, default=0.0)
+
+
+class EchoClient:
+    """One connection. `run_typing` sends small writes on a period; `transfer` sends bulk."""
+
+    def __init__(self, ns: str, addr: tuple[str, int], conn_id: int = 0) -> None:
+        self.ns, self.addr, self.conn_id = ns, addr, conn_id
+        self.stats = EchoStats(conn_id)
+        self.sock: socket.socket | None = None
+        self._pending: list[tuple[int, float]] = []  # (end offset, time written)
+        self._retrans_base = 0
+        self._got = asyncio.Event()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        self.sock = open_in(self.ns, self.addr)
+        await asyncio.wait_for(loop.sock_connect(self.sock, self.addr), timeout)
+        self._retrans_base = tcp_info(self.sock).total_retrans
+
+    def retransmits(self) -> int:
+        if self.sock is None or self.sock.fileno() < 0:
+            return self.stats.retransmits
+        return self.stats.retransmits + tcp_info(self.sock).total_retrans - self._retrans_base
+
+    async def _write(self, data: bytes) -> None:
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.sock, data)
+        self.stats.sent += len(data)
+        self._pending.append((self.stats.sent, time.monotonic()))
+
+    async def _reader(self, stop_at: int | None, timeout: float) -> None:
+        """Read and check echoes until `stop_at` bytes arrived (or forever)."""
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        while stop_at is None or self.stats.received < stop_at:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 18), timeout)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            want = pattern(self.conn_id, self.stats.received, len(data))
+            if data != want:
+                self.stats.corrupted += sum(a != b for a, b in zip(data, want, strict=True))
+            self.stats.received += len(data)
+            now = time.monotonic()
+            while self._pending and self._pending[0][0] <= self.stats.received:
+                _, t = self._pending.pop(0)
+                self.stats.latencies_ms.append((now - t) * 1e3)
+            self._got.set()
+
+    async def run_typing(self, stop: asyncio.Event, *, chunk: int = 8, period: float = 0.05,
+                         read_timeout: float = 30.0) -> EchoStats:
+        """Type `chunk` bytes every `period` s until `stop`, then wait for all echoes."""
+        reader = asyncio.create_task(self._reader(None, read_timeout))
+        try:
+            while not stop.is_set():
+                if reader.done():
+                    reader.result()
+                await self._write(pattern(self.conn_id, self.stats.sent, chunk))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), period)
+            deadline = time.monotonic() + read_timeout
+            while self.stats.received < self.stats.sent and time.monotonic() < deadline:
+                if reader.done():
+                    reader.result()
+                await asyncio.sleep(0.01)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        return self.stats
+
+    async def transfer(self, total: int, *, block: int = 1 << 16,
+                       timeout: float = 60.0) -> EchoStats:
+        """Send `total` bytes as fast as the echo allows and read them all back."""
+        reader = asyncio.create_task(self._reader(total, timeout))
+        try:
+            while self.stats.sent < total:
+                n = min(block, total - self.stats.sent)
+                await self._write(pattern(self.conn_id, self.stats.sent, n))
+                if reader.done():
+                    break
+            await reader
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        return self.stats
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.stats.retransmits = self.retransmits()
+            self.sock.close()
+            self.sock = None

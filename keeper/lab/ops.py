@@ -1,0 +1,102 @@
+"""What operators (and the demo, and the tests) do to a lab: the same calls the CLI makes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from keeper.errors import KeeperError, LabError
+from keeper.hostd.client import Http
+from keeper.lab import procs, topology
+from keeper.lab.topology import LabSpec
+
+READY_TIMEOUT = 20.0
+
+
+def agent(spec: LabSpec, host: str, timeout: float = 30.0) -> Http:
+    return Http(unix=str(spec.agent_socket(host)), timeout=timeout)
+
+
+async def call(spec: LabSpec, host: str, method: str, path: str, **kw: Any) -> Any:
+    http = agent(spec, host, timeout=kw.pop("timeout", 30.0))
+    try:
+        return await http.call(method, path, **kw)
+    finally:
+        await http.close()
+
+
+async def up(name: str = "keeper", hosts: tuple[str, ...] = ("a", "b")) -> LabSpec:
+    """Build the network and start one agent per host. Idempotent."""
+    try:
+        spec = topology.load(name)
+    except LabError:
+        spec = topology.spec_for(name, hosts)
+    await asyncio.to_thread(topology.build_network, spec)
+    for h in spec.hosts:
+        sock = spec.agent_socket(h.name)
+        pidf = procs.pidfile(spec.rundir, f"hostd-{h.name}")
+        if pidf.exists() and procs.alive(int(pidf.read_text())) and sock.exists():
+            continue
+        procs.spawn(spec.rundir, f"hostd-{h.name}",
+                    ["hostd", "--lab", spec.name, "--host", h.name])
+    for h in spec.hosts:
+        await _wait_agent(spec, h.name)
+    return spec
+
+
+async def _wait_agent(spec: LabSpec, host: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            await call(spec, host, "GET", "/status", timeout=2)
+            return
+        except KeeperError as exc:
+            last = exc
+        await asyncio.sleep(0.1)
+    raise LabError(f"host agent {host} not ready after {READY_TIMEOUT:.0f} s: {last}; "
+                   f"see {spec.rundir / f'hostd-{host}.log'}")
+
+
+async def status(spec: LabSpec) -> dict[str, Any]:
+    hosts = []
+    for h in spec.hosts:
+        try:
+            hosts.append(await call(spec, h.name, "GET", "/status", timeout=5))
+        except KeeperError as exc:
+            hosts.append({"host": h.name, "mgmt_ip": h.mgmt_ip, "netns": h.ns,
+                          "error": str(exc), "domrs": []})
+    return {
+        "lab": spec.name, "client_netns": spec.client_ns, "client_ip": spec.client_ip,
+        "switch_netns": spec.switch_ns, "hosts": hosts,
+        "domains": [
+            {"name": d["name"], "host": h["host"], "ip": d["ip"], "mac": d["mac"],
+             "state": d["state"], "services": d.get("services", {})}
+            for h in hosts for d in h["domrs"]
+        ],
+    }
+
+
+async def where(spec: LabSpec, dom: str) -> str:
+    for d in (await status(spec))["domains"]:
+        if d["name"] == dom and d["state"] != "incoming":
+            return str(d["host"])
+    raise LabError(f"no Domain R {dom!r} in lab {spec.name}")
+
+
+async def create_domr(spec: LabSpec, dom: str, host: str, *, index: int | None = None,
+                      announce: bool = True) -> dict[str, Any]:
+    if index is None:
+        used = {d["ip"] for d in (await status(spec))["domains"]}
+        index = next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
+    return await call(spec, host, "POST", "/domr",
+                      json={"name": dom, "ip": spec.domr_ip(index),
+                            "mac": spec.domr_mac(index), "announce": announce})
+
+
+async def migrate(spec: LabSpec, dom: str, to: str) -> dict[str, Any]:
+    spec.host(to)
+    source = await where(spec, dom)
+    return await call(spec, source, "POST", f"/domr/{dom}/migrate", json={"to": to},
+                      timeout=120)

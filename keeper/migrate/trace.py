@@ -1,0 +1,39 @@
+"""A timestamped record of one migration: named marks, in the order they happened."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Trace:
+    kind: str
+    domain: str
+    source: str
+    target: str
+    started_wall: float = field(default_factory=time.time)
+    _t0: float = field(default_factory=time.monotonic)
+    marks: list[tuple[str, float]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, (time.monotonic() - self._t0) * 1e3))
+
+    def at(self, name: str) -> float:
+        for n, t in self.marks:
+            if n == name:
+                return t
+        raise KeyError(name)
+
+    def span(self, start: str, end: str) -> float:
+        return self.at(end) - self.at(start)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "domain": self.domain, "source": self.source,
+            "target": self.target, "started": self.started_wall,
+            "marks": [{"name": n, "ms": round(t, 3)} for n, t in self.marks],
+            **self.info,
+        }

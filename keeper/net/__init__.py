@@ -1,0 +1,1 @@
+"""Kernel-facing network pieces of Domain R: TCP repair and TCP_INFO."""
