@@ -13,24 +13,26 @@ Frame: an ARP request with sender = target = Domain R's IP, from its MAC to
 broadcast (the form `arping -U` and Linux use), so every bridge on the path learns
 the MAC on the port it arrived from and every neighbour refreshes its cache.
 
-The scapy socket is opened in the constructor: create the Announcer in the
-namespace (and thread) that owns the interface, before it is needed, because
-importing scapy and opening the socket take far longer than the pause we allow.
+scapy builds the frame once; a plain AF_PACKET socket bound to the interface sends
+it. The socket belongs to the network namespace of the thread that creates the
+Announcer, so create it there, before it is needed: importing scapy takes far longer
+than the pause we allow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
-import time
 from collections.abc import Sequence
+
+from keeper.errors import KernelError
 
 DEFAULT_SCHEDULE_MS: tuple[int, ...] = (0, 20, 100, 300)
 
 
 class Announcer:
     def __init__(self, iface: str, ip: str, mac: str) -> None:
-        from scapy.config import conf
         from scapy.layers.l2 import ARP, Ether  # heavy import: at setup, not at resume
 
         self.iface, self.ip, self.mac = iface, ip, mac
@@ -38,7 +40,12 @@ class Announcer:
             Ether(src=mac, dst="ff:ff:ff:ff:ff:ff")
             / ARP(op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=ip)
         )
-        self._sock = conf.L2socket(iface=iface)
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        try:
+            self._sock.bind((iface, 0))
+        except OSError as exc:
+            self._sock.close()
+            raise KernelError.wrap(f"bind packet socket to {iface}", exc) from exc
         self._lock = threading.Lock()
         self.sent = 0
 
@@ -46,19 +53,6 @@ class Announcer:
         with self._lock:
             self._sock.send(self._frame)
             self.sent += 1
-
-    def run(self, schedule_ms: Sequence[int] = DEFAULT_SCHEDULE_MS) -> float:
-        """Send one frame per scheduled offset; blocking. Returns seconds to the first frame."""
-        start = time.monotonic()
-        first = 0.0
-        for i, offset in enumerate(schedule_ms):
-            delay = start + offset / 1000 - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            self.send_once()
-            if i == 0:
-                first = time.monotonic() - start
-        return first
 
     async def announce(self, schedule_ms: Sequence[int] = DEFAULT_SCHEDULE_MS) -> None:
         """Send on the schedule; the loop keeps time, a worker thread does the sending."""

@@ -139,7 +139,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--control", required=True, help="Unix socket path for the host agent")
     p.add_argument("--console-port", type=int, default=2323)
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
-    p.add_argument("--no-announce", action="store_true", help="no gratuitous ARP on resume")
+    p.add_argument("--no-announce", action="store_true", help="resume silently: no gratuitous ARP, no window probe (tests)")
     p.set_defaults(func=run)
 
 

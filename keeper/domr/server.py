@@ -322,7 +322,9 @@ class DomainR:
         """Link is up: leave repair mode (window probe), announce, serve."""
         self._require(Phase.RESTORED)
         for conn in self.conns.values():
-            tcprepair.leave_repair(conn.sock, window_probe=True)
+            # Without announcements we stay silent (no window probe either), so the
+            # tests can show what the announcement alone does.
+            tcprepair.leave_repair(conn.sock, window_probe=self.announce_enabled)
             conn.retransmits_at_start = tcp_info(conn.sock).total_retrans
         if self.announce_enabled and self._announcer is not None:
             task = asyncio.create_task(self._announcer.announce())

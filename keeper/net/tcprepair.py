@@ -10,23 +10,23 @@ The socket is left in repair mode: closing it then sends nothing (no FIN, no RST
 `leave_repair` puts it back to work if the move is rolled back.
 
 Restore (`restore`), into a socket of the calling thread's network namespace:
-  1. socket, repair on, bind to the saved local address (it must exist here);
-  2. TCP_QUEUE_SEQ: receive = rcv_nxt - len(receive queue), send = snd_una. Re-queueing
-     advances the sequence, hence next minus length (DESIGN.md §5);
+  1. socket, repair on, TCP_MAXSEG (so the MSS cache is right from connect on), bind
+     to the saved local address (it must exist here);
+  2. TCP_QUEUE_SEQ: receive = rcv_nxt - len(receive queue), send = snd_una.
+     Re-queueing advances the sequence, hence next minus length (DESIGN.md §5);
   3. connect: no SYN in repair mode, the socket is ESTABLISHED at once;
   4. TCP_REPAIR_OPTIONS (SACK, window scale, timestamps, MSS), TCP_TIMESTAMP;
-  5. re-inject the receive queue;
+  5. re-inject the receive queue, and the sent-but-unacknowledged part of the send
+     queue (so snd_nxt is where the peer thinks it is: an ACK for data "not yet
+     sent" would be dropped and the connection would stall);
   6. TCP_REPAIR_WINDOW last (the kernel checks it against rcv_nxt).
 The socket stays in repair mode until `leave_repair`.
 
-Where we differ from libsoccr: the send queue (sent-but-unacknowledged and never-sent
-alike) is not re-injected in repair mode. The send sequence is set to snd_una and the
-whole queue is handed back to the caller (`Restored.resend`) to send normally once the
-link is up. Bytes injected in repair mode count as sent and go out only when the
-retransmission timer fires, which on a fresh socket (no RTT sample) is a full second;
-sent normally they leave at once, and the peer drops any it already had (plain TCP
-retransmission). Nothing here may run while packets can reach the socket: the caller
-keeps the link down (libsoccr's own warning).
+Where we differ from libsoccr: the never-sent part of the send queue is not sent
+mid-restore with repair briefly off (the link is down then, so it would wait for a
+retransmission timeout); it is handed back (`Restored.resend`) for the caller to
+send once the link is up. Nothing here may run while packets can reach the socket:
+the caller keeps the link down (libsoccr's own warning).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class TcpRepairRecord:
 
 @dataclass(slots=True)
 class Restored:
-    """A restored socket (still in repair mode) and the bytes to send once it is live."""
+    """A restored socket (still in repair mode) and the never-sent bytes to send once live."""
 
     sock: socket.socket
     resend: bytes
@@ -257,6 +257,10 @@ def restore(rec: TcpRepairRecord) -> Restored:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(rec.rcvbuf, 2 * len(rec.inq)))
         if rec.nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent_len = len(rec.outq) - rec.unsent_len
+        if sent_len * 2 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(rec.sndbuf, 2 * sent_len))
+        _set(sock, socket.TCP_MAXSEG, rec.mss, "TCP_MAXSEG")
         try:
             sock.bind((rec.local_addr, rec.local_port))
         except OSError as exc:
@@ -282,10 +286,13 @@ def restore(rec: TcpRepairRecord) -> Restored:
         if rec.inq:
             _set(sock, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE receive")
             _inject(sock, rec.inq, "re-inject receive queue")
+        if sent_len:
+            _set(sock, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE send")
+            _inject(sock, rec.outq[:sent_len], "re-inject send queue")
         _set(sock, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE none")
         window = _WINDOW.pack(rec.snd_wl1, rec.snd_wnd, rec.max_window, rec.rcv_wnd, rec.rcv_wup)
         _set(sock, TCP_REPAIR_WINDOW, window, "TCP_REPAIR_WINDOW set")
-        return Restored(sock=sock, resend=rec.outq)
+        return Restored(sock=sock, resend=rec.outq[sent_len:])
     except BaseException:
         sock.close()  # still in repair mode: nothing goes on the wire
         raise

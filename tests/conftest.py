@@ -1,0 +1,64 @@
+"""Shared fixtures. Tests that need root (namespaces, TCP_REPAIR) are marked `root` and
+skip elsewhere; every namespace and process they make is removed even when they fail."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from keeper.lab import netns
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: network namespaces and TCP_REPAIR")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def unique(prefix: str = "kt") -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def namespaces() -> Iterator[list[str]]:
+    """Collects namespace names a test creates; removes them all afterwards."""
+    made: list[str] = []
+    try:
+        yield made
+    finally:
+        for ns in made:
+            netns.remove(ns)
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[object]:
+    """A whole lab (switch, hosts a and b with agents, client), removed afterwards."""
+    from keeper.lab import ops, topology
+
+    name = unique()
+    try:
+        spec = await ops.up(name)
+        yield spec
+    finally:
+        topology.down(name)
+        leftovers = [ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-")]
+        assert not leftovers, f"lab left namespaces behind: {leftovers}"
+
+
+@pytest.fixture
+def network() -> Iterator[object]:
+    """The lab's network only (switch, hosts, client), no agents; removed afterwards."""
+    from keeper.lab import topology
+
+    spec = topology.spec_for(unique())
+    try:
+        topology.build_network(spec)
+        yield spec
+    finally:
+        topology.down(spec.name)
