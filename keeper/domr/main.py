@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from keeper.errors import KeeperError
 from keeper.lab import netns
 
 log = logging.getLogger("keeper.domr")
+PR_SET_PDEATHSIG = 1
 
 
 def build_app(domr: DomainR) -> web.Application:
@@ -61,7 +63,9 @@ def build_app(domr: DomainR) -> web.Application:
         return web.Response(
             body=blob, content_type="application/octet-stream",
             headers={"X-Keeper-Dump-Ms": f"{domr.last_move.dump_ms:.3f}",
-                     "X-Keeper-Sessions": str(domr.last_move.sessions)},
+                     "X-Keeper-Sessions": str(domr.last_move.sessions),
+                     "X-Keeper-Queued-In": str(domr.last_move.queued_in),
+                     "X-Keeper-Queued-Out": str(domr.last_move.queued_out)},
         )
 
     @routes.post("/abort")
@@ -86,6 +90,7 @@ def build_app(domr: DomainR) -> web.Application:
     @guarded
     async def resume(_: web.Request) -> web.StreamResponse:
         await domr.resume()
+        _die_with_parent(False)  # serving now: outlive an agent restart, like a VM
         return web.json_response({"phase": domr.phase.value})
 
     @routes.post("/announce")
@@ -99,9 +104,20 @@ def build_app(domr: DomainR) -> web.Application:
     return app
 
 
+def _die_with_parent(on: bool) -> None:
+    """An incoming Domain R (not yet serving) dies with the agent that started it:
+    a target whose agent crashed mid-move must not linger with our IP and MAC."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL if on else 0, 0, 0, 0)
+
+
 async def serve(args: argparse.Namespace) -> int:
     domr = DomainR(args.name, args.ip, args.mac, console_port=args.console_port,
                    announce=not args.no_announce)
+    if args.restore:
+        _die_with_parent(True)
+        if os.getppid() != args.parent:
+            return 1  # the agent is already gone
     domr.prepare_announcer()
     domr.bind()
     if not args.restore:
@@ -139,7 +155,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--control", required=True, help="Unix socket path for the host agent")
     p.add_argument("--console-port", type=int, default=2323)
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
-    p.add_argument("--no-announce", action="store_true", help="resume silently: no gratuitous ARP, no window probe (tests)")
+    p.add_argument("--parent", type=int, default=0, help="the agent's PID (with --restore)")
+    p.add_argument("--no-announce", action="store_true",
+                   help="resume silently: no gratuitous ARP, no window probe (tests)")
     p.set_defaults(func=run)
 
 

@@ -136,6 +136,8 @@ class Conn:
 class MoveStats:
     sessions: int = 0
     bytes: int = 0
+    queued_in: int = 0  # client bytes not yet handled (kernel + ours) at the dump
+    queued_out: int = 0  # bytes for clients not yet acknowledged (kernel + ours)
     dump_ms: float = 0.0
     restore_ms: float = 0.0
 
@@ -258,7 +260,9 @@ class DomainR:
             )
         )
         self.last_move = MoveStats(
-            sessions=len(sessions), bytes=len(blob), dump_ms=(time.perf_counter() - t0) * 1e3
+            sessions=len(sessions), bytes=len(blob), dump_ms=(time.perf_counter() - t0) * 1e3,
+            queued_in=sum(len(c.tcp.inq) + len(c.session.pending_in) for c in sessions),
+            queued_out=sum(len(c.tcp.outq) + len(c.session.pending_out) for c in sessions),
         )
         self.phase = Phase.DUMPED
         return blob
@@ -273,6 +277,13 @@ class DomainR:
         for conn in list(self.conns.values()):
             conn.start()
         self.start()
+        self._announce()  # reclaim the switch port, whatever a failed target did
+
+    def _announce(self) -> None:
+        if self.announce_enabled and self._announcer is not None:
+            task = asyncio.create_task(self._announcer.announce())
+            self._announce_tasks.add(task)
+            task.add_done_callback(self._announce_tasks.discard)
 
     def commit(self) -> None:
         """The move succeeded elsewhere: drop everything without a sound."""
@@ -326,10 +337,7 @@ class DomainR:
             # tests can show what the announcement alone does.
             tcprepair.leave_repair(conn.sock, window_probe=self.announce_enabled)
             conn.retransmits_at_start = tcp_info(conn.sock).total_retrans
-        if self.announce_enabled and self._announcer is not None:
-            task = asyncio.create_task(self._announcer.announce())
-            self._announce_tasks.add(task)
-            task.add_done_callback(self._announce_tasks.discard)
+        self._announce()
         for conn in list(self.conns.values()):
             conn.start()
         self.start()
@@ -360,6 +368,7 @@ class DomainR:
             "last_move": {
                 "sessions": self.last_move.sessions, "bytes": self.last_move.bytes,
                 "dump_ms": self.last_move.dump_ms, "restore_ms": self.last_move.restore_ms,
+                "queued_in": self.last_move.queued_in, "queued_out": self.last_move.queued_out,
             },
         }
 

@@ -10,7 +10,10 @@ address, port 7480.
     POST   /domr/{name}/migrate {to}    move it to another host (MM_R)
     POST   /domr/{name}/link {up}       set its link (tests and operators)
     POST   /domr/{name}/announce        one gratuitous ARP from it now
-  peers:
+    POST   /debug/fault {point, action} one-shot failure drill: at point (prepare,
+                                        restore, restored, link_up) "fail" or "crash"
+  peers (TCP, management network):
+    GET    /status
     POST   /peer/domr/prepare           make the twin (link down), start it empty
     POST   /peer/domr/{name}/restore    checkpoint in; restore, link up, resume
     POST   /peer/domr/{name}/cancel     drop a prepared or restored twin
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ class HostAgent:
         self._peers: dict[str, Http] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.moves = 0
+        self.faults: dict[str, str] = {}  # point -> "fail" | "crash", one-shot (drills, tests)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -83,6 +88,15 @@ class HostAgent:
     def label(self, name: str) -> str:
         return f"domr-{name}-{self.host.name}"
 
+    def fault(self, point: str) -> None:
+        """A failure drill: at `point`, fail the request or kill this agent outright."""
+        action = self.faults.pop(point, None)
+        if action == "crash":
+            log.warning("fault drill: crashing at %s", point)
+            os._exit(70)
+        if action == "fail":
+            raise KeeperError(f"fault drill: failing at {point}")
+
     # -- Domain R processes -------------------------------------------------------
 
     async def start_domr(self, name: str, ip: str, mac: str, *, restore: bool,
@@ -98,7 +112,7 @@ class HostAgent:
         argv = ["domr", "run", "--name", name, "--ip", ip, "--mac", mac, "--netns", ns,
                 "--control", str(path)]
         if restore:
-            argv.append("--restore")
+            argv += ["--restore", "--parent", str(os.getpid())]
         if not announce:
             argv.append("--no-announce")
         path.unlink(missing_ok=True)
@@ -173,8 +187,10 @@ class HostAgent:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
+    def apps(self) -> tuple[web.Application, web.Application]:
+        """(local, peer): the Unix socket gets everything, the network only /peer and /status."""
         routes = web.RouteTableDef()
+        peer_routes = web.RouteTableDef()
 
         def guarded(fn):  # type: ignore[no-untyped-def]
             async def handler(request: web.Request) -> web.StreamResponse:
@@ -239,12 +255,27 @@ class HostAgent:
             await entry.control.call("POST", "/announce")
             return web.json_response({"ok": True})
 
-        @routes.post("/peer/domr/prepare")
+        @routes.post("/debug/fault")
+        @guarded
+        async def set_fault(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            if body.get("action") not in ("fail", "crash"):
+                raise KeeperError("fault action must be 'fail' or 'crash'")
+            self.faults[str(body["point"])] = body["action"]
+            return web.json_response({"faults": self.faults})
+
+        @peer_routes.get("/status")
+        @guarded
+        async def peer_status(_: web.Request) -> web.StreamResponse:
+            return web.json_response({"host": self.host.name, "mgmt_ip": self.host.mgmt_ip})
+
+        @peer_routes.post("/peer/domr/prepare")
         @guarded
         async def prepare(request: web.Request) -> web.StreamResponse:
             body = await request.json()
             name = body["name"]
             placement.check_name(name)
+            self.fault("prepare")
             stale = self.domrs.get(name)
             if stale is not None and stale.state == "incoming":
                 await self.stop_domr(name)  # a leftover from an earlier, failed move
@@ -252,17 +283,20 @@ class HostAgent:
                                   announce=body.get("announce", True))
             return web.json_response({"ready": name})
 
-        @routes.post("/peer/domr/{name}/restore")
+        @peer_routes.post("/peer/domr/{name}/restore")
         @guarded
         async def restore(request: web.Request) -> web.StreamResponse:
             entry = self.domr(request.match_info["name"])
             if entry.state != "incoming":
                 raise KeeperError(f"Domain R {entry.name} is {entry.state}, not incoming")
             blob = await request.read()
+            self.fault("restore")
             t0 = time.monotonic()
             restored = await entry.control.call("POST", "/restore", data=blob)
+            self.fault("restored")
             t1 = time.monotonic()
             await self.set_link(entry.name, up=True)
+            self.fault("link_up")
             t2 = time.monotonic()
             await entry.control.call("POST", "/resume")
             t3 = time.monotonic()
@@ -273,7 +307,7 @@ class HostAgent:
                 "resume_ms": (t3 - t2) * 1e3,
             })
 
-        @routes.post("/peer/domr/{name}/cancel")
+        @peer_routes.post("/peer/domr/{name}/cancel")
         @guarded
         async def cancel(request: web.Request) -> web.StreamResponse:
             name = request.match_info["name"]
@@ -282,9 +316,11 @@ class HostAgent:
                 await self.stop_domr(name)
             return web.json_response({"cancelled": name})
 
-        app = web.Application(client_max_size=1 << 30)
-        app.add_routes(routes)
-        return app
+        local = web.Application()
+        local.add_routes(routes)
+        peer = web.Application(client_max_size=1 << 30)  # checkpoints can be large
+        peer.add_routes(peer_routes)
+        return local, peer
 
     async def close(self) -> None:
         """Idempotent. Domain Rs keep running: an agent restart must not end the VMs."""
@@ -295,20 +331,22 @@ class HostAgent:
 
 
 async def serve(spec: LabSpec, host: str) -> int:
-    import os
     import signal
 
     agent = HostAgent(spec, host)
-    runner = web.AppRunner(agent.app(), access_log=None)
-    await runner.setup()
+    local_app, peer_app = agent.apps()
+    local = web.AppRunner(local_app, access_log=None)
+    peer = web.AppRunner(peer_app, access_log=None)
+    await local.setup()
+    await peer.setup()
     sock_path = spec.agent_socket(host)
     sock_path.unlink(missing_ok=True)
-    old = os.umask(0o077)
+    old = os.umask(0o077)  # root's alone
     try:
-        await web.UnixSite(runner, str(sock_path)).start()
+        await web.UnixSite(local, str(sock_path)).start()
     finally:
         os.umask(old)
-    await web.TCPSite(runner, agent.host.mgmt_ip, AGENT_PORT).start()
+    await web.TCPSite(peer, agent.host.mgmt_ip, AGENT_PORT).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -316,6 +354,7 @@ async def serve(spec: LabSpec, host: str) -> int:
     log.info("host agent %s up on %s:%d and %s", host, agent.host.mgmt_ip, AGENT_PORT, sock_path)
     await stop.wait()
     await agent.close()
-    await runner.cleanup()
+    await local.cleanup()
+    await peer.cleanup()
     sock_path.unlink(missing_ok=True)
     return 0

@@ -106,6 +106,11 @@ class EchoClient:
                 self.stats.latencies_ms.append((now - t) * 1e3)
             self._got.set()
 
+    async def echo(self, n: int, timeout: float = 10.0) -> None:
+        """Write `n` more bytes of the stream and read until everything came back."""
+        await self._write(pattern(self.conn_id, self.stats.sent, n))
+        await self._reader(self.stats.sent, timeout)
+
     async def run_typing(self, stop: asyncio.Event, *, chunk: int = 8, period: float = 0.05,
                          read_timeout: float = 30.0) -> EchoStats:
         """Type `chunk` bytes every `period` s until `stop`, then wait for all echoes."""
@@ -130,9 +135,10 @@ class EchoClient:
                 await reader
         return self.stats
 
-    async def transfer(self, total: int, *, block: int = 1 << 16,
+    async def transfer(self, total: int, *, block: int = 1 << 16, pace: float = 0.0,
                        timeout: float = 60.0) -> EchoStats:
-        """Send `total` bytes as fast as the echo allows and read them all back."""
+        """Send `total` bytes (a block every `pace` s, or as fast as the echo allows)
+        and read them all back."""
         reader = asyncio.create_task(self._reader(total, timeout))
         try:
             while self.stats.sent < total:
@@ -140,6 +146,8 @@ class EchoClient:
                 await self._write(pattern(self.conn_id, self.stats.sent, n))
                 if reader.done():
                     break
+                if pace:
+                    await asyncio.sleep(pace)
             await reader
         except (OSError, ConnectionError, TimeoutError) as exc:
             self.stats.errors.append(f"{type(exc).__name__}: {exc}")

@@ -41,36 +41,39 @@ async def move_out(agent: HostAgent, dom: str, target: str) -> Trace:
     peer = agent.peer(target)
     trace = Trace("domr", dom, agent.host.name, target)
     entry.state = "moving"
+    stopped = False
     try:
         trace.mark("start")
         await peer.call("POST", "/peer/domr/prepare",
                         json={"name": dom, "ip": entry.ip, "mac": entry.mac,
                               "announce": entry.announce})
         trace.mark("prepared")
-        stopped = False
+        await entry.control.call("POST", "/quiesce")
+        stopped = True
+        trace.mark("quiesced")
+        await agent.set_link(dom, up=False)
+        trace.mark("link_down")
+        blob, headers = await entry.control.request("POST", "/checkpoint")
+        trace.mark("dumped")
+        trace.info["checkpoint_bytes"] = len(blob)
+        trace.info["sessions"] = int(headers.get("X-Keeper-Sessions", "0"))
+        trace.info["dump_ms"] = float(headers.get("X-Keeper-Dump-Ms", "0"))
+        trace.info["queued_in"] = int(headers.get("X-Keeper-Queued-In", "0"))
+        trace.info["queued_out"] = int(headers.get("X-Keeper-Queued-Out", "0"))
+        result = await peer.call("POST", f"/peer/domr/{dom}/restore", data=blob,
+                                 timeout=RESTORE_TIMEOUT)
+        trace.mark("resumed")
+        trace.info["restore"] = result
+    except BaseException as exc:
         try:
-            await entry.control.call("POST", "/quiesce")
-            stopped = True
-            trace.mark("quiesced")
-            await agent.set_link(dom, up=False)
-            trace.mark("link_down")
-            blob, headers = await entry.control.request("POST", "/checkpoint")
-            trace.mark("dumped")
-            trace.info["checkpoint_bytes"] = len(blob)
-            trace.info["sessions"] = int(headers.get("X-Keeper-Sessions", "0"))
-            trace.info["dump_ms"] = float(headers.get("X-Keeper-Dump-Ms", "0"))
-            result = await peer.call("POST", f"/peer/domr/{dom}/restore", data=blob,
-                                     timeout=RESTORE_TIMEOUT)
-            trace.mark("resumed")
-            trace.info["restore"] = result
-        except BaseException as exc:
             await _roll_back(agent, dom, peer, stopped)
-            trace.mark("rolled_back")
-            raise MigrationError(f"moving Domain R {dom} to {target} failed, it stays on "
-                                 f"{agent.host.name}: {exc}") from exc
-    except BaseException:
-        entry.state = "running"
-        raise
+        finally:
+            entry.state = "running"
+        trace.mark("rolled_back")
+        if not isinstance(exc, Exception):
+            raise  # cancellation: rolled back, and still cancelled
+        raise MigrationError(f"moving Domain R {dom} to {target} failed, it stays on "
+                             f"{agent.host.name}: {exc}") from exc
     # The target serves now; the source's copy must go without a sound.
     try:
         await entry.control.call("POST", "/commit")
