@@ -52,6 +52,8 @@ class EchoStats:
     reconnects: int = 0
     retransmits: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    # (monotonic time the write went out, ms until its echo was complete)
+    samples: list[tuple[float, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -104,6 +106,7 @@ class EchoClient:
             while self._pending and self._pending[0][0] <= self.stats.received:
                 _, t = self._pending.pop(0)
                 self.stats.latencies_ms.append((now - t) * 1e3)
+                self.stats.samples.append((t, (now - t) * 1e3))
             self._got.set()
 
     async def echo(self, n: int, timeout: float = 10.0) -> None:

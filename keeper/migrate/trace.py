@@ -34,6 +34,7 @@ class Trace:
         return {
             "kind": self.kind, "domain": self.domain, "source": self.source,
             "target": self.target, "started": self.started_wall,
+            "t0_monotonic": self._t0,  # CLOCK_MONOTONIC: comparable within one machine
             "marks": [{"name": n, "ms": round(t, 3)} for n, t in self.marks],
             **self.info,
         }

@@ -44,23 +44,30 @@ async def test_twenty_moves_lose_nothing_in_either_direction(lab: LabSpec) -> No
     typists = await connect_all(lab, addr, 3)
     (bulk,) = [EchoClient(lab.client_ns, addr, 99)]
     await bulk.connect()
+    # A client that writes 2 MB and reads nothing until the end: Domain R's output
+    # backs up (its send queue and our pending output), then its input (the kernel's
+    # receive queue), so every dump holds queued bytes in both directions.
+    (stalled,) = [EchoClient(lab.client_ns, addr, 55)]
+    await stalled.connect()
+    stalled_total = 2 << 20
+    stalled_writer = asyncio.create_task(stalled._write(pattern(55, 0, stalled_total)))
+    await asyncio.sleep(0.5)
     stop = asyncio.Event()
     typing = [asyncio.create_task(c.run_typing(stop, chunk=5, period=0.02)) for c in typists]
     # ~1.6 MB/s both ways for the whole run, so every dump catches bytes in flight
     streaming = asyncio.create_task(bulk.run_typing(stop, chunk=16 << 10, period=0.01))
-    queued_in = queued_out = 0
     hosts = ["b", "a"]
     for i in range(20):
         trace = await ops.migrate(lab, DOM, hosts[i % 2])
-        assert trace["sessions"] == 4
-        queued_in += trace["queued_in"]
-        queued_out += trace["queued_out"]
+        assert trace["sessions"] == 5
+        assert trace["queued_in"] > 0 and trace["queued_out"] > 0, trace
         await asyncio.sleep(0.1)
     stop.set()
     await asyncio.gather(*typing)
     bulk_stats = await streaming
-    # Bytes were in flight both ways at the dumps, and still arrived exactly once.
-    assert queued_in > 0 and queued_out > 0
+    await stalled._reader(stalled_total, 30)  # now read it all: exactly once, in order
+    await stalled_writer
+    assert stalled.stats.received == stalled_total and stalled.stats.corrupted == 0
     for c in typists:
         assert_intact(c)
     assert bulk_stats.errors == [] and bulk_stats.corrupted == 0
@@ -69,9 +76,9 @@ async def test_twenty_moves_lose_nothing_in_either_direction(lab: LabSpec) -> No
     (dom,) = status["domains"]
     assert dom["host"] == "a"
     (host_a,) = [h for h in status["hosts"] if h["host"] == "a"]
-    # the same four connections, never a new one: nobody reconnected
-    assert {s["id"] for s in host_a["domrs"][0]["domr"]["sessions"]} == {1, 2, 3, 4}
-    for c in (*typists, bulk):
+    # the same five connections, never a new one: nobody reconnected
+    assert {s["id"] for s in host_a["domrs"][0]["domr"]["sessions"]} == {1, 2, 3, 4, 5}
+    for c in (*typists, bulk, stalled):
         c.close()
 
 
