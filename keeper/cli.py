@@ -70,7 +70,8 @@ def cmd_domr(args: argparse.Namespace) -> int:
     _need_root()
     spec = topology.load(args.lab)
     if args.action == "create":
-        doc = asyncio.run(ops.create_domr(spec, args.name, args.host, index=args.index))
+        doc = asyncio.run(ops.create_domr(spec, args.name, args.host, index=args.index,
+                                          announce_schedule=args.announce_schedule))
         print(f"Domain R {doc['name']} on host {doc['host']}: {doc['ip']} {doc['mac']}, "
               f"console on port 2323")
         return 0
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--host", default="a")
     c.add_argument("--index", type=int, default=None, help="address index (IP .100+N)")
+    c.add_argument("--announce-schedule", default="0,20,100,300",
+                   help="gratuitous ARP offsets in ms after each move")
     c.add_argument("--lab", default="keeper")
     c.set_defaults(func=cmd_domr)
     d = dsub.add_parser("delete", help="stop and remove a Domain R")

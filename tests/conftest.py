@@ -49,6 +49,29 @@ async def lab() -> AsyncIterator[object]:
         topology.down(name)
         leftovers = [ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-")]
         assert not leftovers, f"lab left namespaces behind: {leftovers}"
+        assert not lab_processes(name), f"lab left processes behind: {lab_processes(name)}"
+
+
+def lab_processes(name: str) -> list[int]:
+    """PIDs of live processes whose command line names lab `name` (agents, Domain Rs)."""
+    from pathlib import Path
+
+    from keeper.lab import procs
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"keeper" in b" ".join(cmd) and any(
+            arg == name.encode() or arg.startswith(f"{name}-".encode())
+            or f"/{name}/".encode() in arg for arg in cmd
+        ) and procs.alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
 
 
 @pytest.fixture

@@ -67,3 +67,13 @@ class Announcer:
     def close(self) -> None:
         with self._lock:
             self._sock.close()
+
+
+def parse_schedule(text: str) -> tuple[int, ...]:
+    try:
+        offsets = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"announce schedule {text!r}: comma-separated milliseconds") from None
+    if not offsets or list(offsets) != sorted(offsets) or offsets[0] < 0:
+        raise ValueError(f"announce schedule {text!r}: at least one offset, ascending, >= 0")
+    return offsets

@@ -25,6 +25,7 @@ import signal
 
 from aiohttp import web
 
+from keeper.arp.garp import parse_schedule
 from keeper.domr.server import DomainR
 from keeper.errors import KeeperError
 from keeper.lab import netns
@@ -113,7 +114,8 @@ def _die_with_parent(on: bool) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     domr = DomainR(args.name, args.ip, args.mac, console_port=args.console_port,
-                   announce=not args.no_announce)
+                   announce=not args.no_announce,
+                   announce_schedule=parse_schedule(args.announce_schedule))
     if args.restore:
         _die_with_parent(True)
         if os.getppid() != args.parent:
@@ -156,6 +158,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--console-port", type=int, default=2323)
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
     p.add_argument("--parent", type=int, default=0, help="the agent's PID (with --restore)")
+    p.add_argument("--announce-schedule", default="0,20,100,300",
+                   help="gratuitous ARP offsets in ms after resume (default 0,20,100,300)")
     p.add_argument("--no-announce", action="store_true",
                    help="resume silently: no gratuitous ARP, no window probe (tests)")
     p.set_defaults(func=run)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from keeper.arp.garp import DEFAULT_SCHEDULE_MS
 from keeper.console.raw import RawSession
 from keeper.domr import checkpoint as ck
 from keeper.errors import KeeperError, NotMovable
@@ -146,6 +147,7 @@ class DomainR:
     def __init__(
         self, name: str, ip: str, mac: str, *, iface: str = "eth0",
         console_port: int = CONSOLE_PORT, announce: bool = True,
+        announce_schedule: tuple[int, ...] = DEFAULT_SCHEDULE_MS,
     ) -> None:
         self.name, self.ip, self.mac, self.iface = name, ip, mac, iface
         self.console_port = console_port
@@ -159,6 +161,7 @@ class DomainR:
         self.closed_sessions = 0
         self.last_move = MoveStats()
         self.announce_enabled = announce
+        self.announce_schedule = announce_schedule
         self._announcer = None
         self._announce_tasks: set[asyncio.Task[None]] = set()
         self.stopped = asyncio.Event()
@@ -281,7 +284,7 @@ class DomainR:
 
     def _announce(self) -> None:
         if self.announce_enabled and self._announcer is not None:
-            task = asyncio.create_task(self._announcer.announce())
+            task = asyncio.create_task(self._announcer.announce(self.announce_schedule))
             self._announce_tasks.add(task)
             task.add_done_callback(self._announce_tasks.discard)
 

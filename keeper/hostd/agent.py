@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from keeper.arp.garp import parse_schedule
 from keeper.errors import KeeperError, LabError
 from keeper.hostd.client import Http
 from keeper.lab import placement, procs
@@ -51,6 +52,7 @@ class DomrEntry:
     control: Http
     proc: subprocess.Popen[bytes] | None
     announce: bool = True
+    announce_schedule: str = "0,20,100,300"
     state: str = "starting"  # starting | incoming | running | moving
     created: float = field(default_factory=time.time)
 
@@ -100,7 +102,8 @@ class HostAgent:
     # -- Domain R processes -------------------------------------------------------
 
     async def start_domr(self, name: str, ip: str, mac: str, *, restore: bool,
-                         announce: bool = True) -> DomrEntry:
+                         announce: bool = True,
+                         announce_schedule: str = "0,20,100,300") -> DomrEntry:
         if name in self.domrs:
             raise LabError(f"Domain R {name} already exists on host {self.host.name}")
         log.info("placing Domain R %s (%s %s)", name, ip, mac)
@@ -115,10 +118,11 @@ class HostAgent:
             argv += ["--restore", "--parent", str(os.getpid())]
         if not announce:
             argv.append("--no-announce")
+        argv += ["--announce-schedule", announce_schedule]
         path.unlink(missing_ok=True)
         proc = procs.spawn(self.spec.rundir, self.label(name), argv)
         entry = DomrEntry(name, ip, mac, ns, Http(unix=str(path), timeout=10), proc,
-                          announce=announce)
+                          announce=announce, announce_schedule=announce_schedule)
         self.domrs[name] = entry
         try:
             await self._wait_ready(entry, path)
@@ -215,9 +219,15 @@ class HostAgent:
             body = await request.json()
             name = body["name"]
             placement.check_name(name)
+            try:
+                parse_schedule(body.get("announce_schedule", "0,20,100,300"))
+            except ValueError as exc:
+                raise KeeperError(str(exc)) from None
             async with self.lock(name):
-                entry = await self.start_domr(name, body["ip"], body["mac"], restore=False,
-                                              announce=body.get("announce", True))
+                entry = await self.start_domr(
+                    name, body["ip"], body["mac"], restore=False,
+                    announce=body.get("announce", True),
+                    announce_schedule=body.get("announce_schedule", "0,20,100,300"))
             return web.json_response({"name": entry.name, "ip": entry.ip, "mac": entry.mac,
                                       "host": self.host.name})
 
@@ -280,7 +290,8 @@ class HostAgent:
             if stale is not None and stale.state == "incoming":
                 await self.stop_domr(name)  # a leftover from an earlier, failed move
             await self.start_domr(name, body["ip"], body["mac"], restore=True,
-                                  announce=body.get("announce", True))
+                                  announce=body.get("announce", True),
+                                  announce_schedule=body.get("announce_schedule", "0,20,100,300"))
             return web.json_response({"ready": name})
 
         @peer_routes.post("/peer/domr/{name}/restore")

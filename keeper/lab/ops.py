@@ -86,13 +86,15 @@ async def where(spec: LabSpec, dom: str) -> str:
 
 
 async def create_domr(spec: LabSpec, dom: str, host: str, *, index: int | None = None,
-                      announce: bool = True) -> dict[str, Any]:
+                      announce: bool = True,
+                      announce_schedule: str = "0,20,100,300") -> dict[str, Any]:
     if index is None:
         used = {d["ip"] for d in (await status(spec))["domains"]}
         index = next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
     return await call(spec, host, "POST", "/domr",
                       json={"name": dom, "ip": spec.domr_ip(index),
-                            "mac": spec.domr_mac(index), "announce": announce})
+                            "mac": spec.domr_mac(index), "announce": announce,
+                            "announce_schedule": announce_schedule})
 
 
 async def migrate(spec: LabSpec, dom: str, to: str) -> dict[str, Any]:

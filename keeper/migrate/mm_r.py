@@ -46,7 +46,8 @@ async def move_out(agent: HostAgent, dom: str, target: str) -> Trace:
         trace.mark("start")
         await peer.call("POST", "/peer/domr/prepare",
                         json={"name": dom, "ip": entry.ip, "mac": entry.mac,
-                              "announce": entry.announce})
+                              "announce": entry.announce,
+                              "announce_schedule": entry.announce_schedule})
         trace.mark("prepared")
         await entry.control.call("POST", "/quiesce")
         stopped = True

@@ -10,8 +10,6 @@ from keeper.arp import Announcer
 from keeper.lab import netns, placement
 from keeper.lab.topology import LabSpec
 
-pytestmark = pytest.mark.root
-
 DOM, IP, MAC = "r1", "198.18.0.101", "02:6b:70:00:00:01"
 
 
@@ -20,6 +18,7 @@ def announcer_in(ns: str) -> Announcer:
         return Announcer("eth0", IP, MAC)
 
 
+@pytest.mark.root
 def test_first_announcement_moves_the_mac(network: LabSpec) -> None:
     spec = network
     old = placement.place(spec, "a", DOM, IP, MAC, link_up=True)
@@ -44,6 +43,7 @@ def test_first_announcement_moves_the_mac(network: LabSpec) -> None:
         b.close()
 
 
+@pytest.mark.root
 async def test_schedule_sends_every_round(network: LabSpec) -> None:
     ns = await asyncio.to_thread(placement.place, network, "a", DOM, IP, MAC, link_up=True)
     a = announcer_in(ns)
@@ -52,3 +52,12 @@ async def test_schedule_sends_every_round(network: LabSpec) -> None:
         assert a.sent == 3
     finally:
         a.close()
+
+
+def test_schedule_parsing() -> None:
+    from keeper.arp.garp import parse_schedule
+
+    assert parse_schedule("0,20,100,300") == (0, 20, 100, 300)
+    for bad in ("", "a,b", "100,20", "-5"):
+        with pytest.raises(ValueError, match="announce schedule"):
+            parse_schedule(bad)

@@ -1,0 +1,59 @@
+"""`keeper lab up | status | down` through the real command line (root)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from keeper.lab import netns
+from tests.conftest import lab_processes, unique
+
+pytestmark = pytest.mark.root
+
+
+def keeper(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "keeper", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
+    name = unique()
+    try:
+        first = keeper("lab", "up", "--lab", name)
+        assert first.returncode == 0, first.stderr
+        again = keeper("lab", "up", "--lab", name)  # idempotent: nothing doubled, no error
+        assert again.returncode == 0, again.stderr
+        made = sorted(ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-"))
+        assert made == sorted(f"{name}-{x}" for x in ("a", "b", "client", "sw"))
+        assert len(lab_processes(name)) == 2  # one agent per host, not four
+
+        created = keeper("domr", "create", "r1", "--host", "b", "--lab", name)
+        assert created.returncode == 0, created.stderr
+        status = json.loads(keeper("lab", "status", "--lab", name, "--json").stdout)
+        assert status["client_netns"] == f"{name}-client"
+        assert {h["host"]: h["mgmt_ip"] for h in status["hosts"]} == {
+            "a": "198.18.0.1", "b": "198.18.0.2"}
+        (dom,) = status["domains"]
+        assert (dom["name"], dom["host"], dom["ip"]) == ("r1", "b", "198.18.0.101")
+
+        moved = keeper("migrate", "r1", "--to", "a", "--lab", name, "--json")
+        assert moved.returncode == 0, moved.stderr
+        trace = json.loads(moved.stdout)
+        assert [m["name"] for m in trace["marks"]] == [
+            "start", "prepared", "quiesced", "link_down", "dumped", "resumed",
+            "source_released"]
+        status = json.loads(keeper("lab", "status", "--lab", name, "--json").stdout)
+        assert [d["host"] for d in status["domains"]] == ["a"]
+        assert f"{name}-r-r1-b" not in netns.netns.listnetns()
+
+        bad = keeper("migrate", "r1", "--to", "nowhere", "--lab", name)
+        assert bad.returncode == 1 and "no host 'nowhere'" in bad.stderr
+    finally:
+        down = keeper("lab", "down", "--lab", name)
+    assert down.returncode == 0, down.stderr
+    assert not [ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-")]
+    assert not lab_processes(name)
+    assert keeper("lab", "down", "--lab", name).returncode == 0  # down twice is fine
