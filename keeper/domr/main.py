@@ -25,9 +25,9 @@ import signal
 
 from aiohttp import web
 
+from keeper import control
 from keeper.arp.garp import parse_schedule
 from keeper.domr.server import DomainR
-from keeper.errors import KeeperError
 from keeper.lab import netns
 
 log = logging.getLogger("keeper.domr")
@@ -37,14 +37,7 @@ PR_SET_PDEATHSIG = 1
 def build_app(domr: DomainR) -> web.Application:
     routes = web.RouteTableDef()
 
-    def guarded(fn):  # type: ignore[no-untyped-def]
-        async def handler(request: web.Request) -> web.StreamResponse:
-            try:
-                return await fn(request)
-            except KeeperError as exc:
-                return web.json_response({"error": str(exc)}, status=409)
-
-        return handler
+    guarded = control.guarded()
 
     @routes.get("/status")
     @guarded

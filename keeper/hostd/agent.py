@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from keeper import control
 from keeper.arp.garp import parse_schedule
 from keeper.errors import KeeperError, LabError
 from keeper.hostd.client import Http
@@ -196,17 +197,7 @@ class HostAgent:
         routes = web.RouteTableDef()
         peer_routes = web.RouteTableDef()
 
-        def guarded(fn):  # type: ignore[no-untyped-def]
-            async def handler(request: web.Request) -> web.StreamResponse:
-                log.info("%s %s", request.method, request.path)
-                try:
-                    return await fn(request)
-                except LabError as exc:
-                    return web.json_response({"error": str(exc)}, status=404)
-                except KeeperError as exc:
-                    return web.json_response({"error": str(exc)}, status=409)
-
-            return handler
+        guarded = control.guarded(log)
 
         @routes.get("/status")
         @guarded

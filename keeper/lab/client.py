@@ -13,6 +13,7 @@ import contextlib
 import random
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from keeper.lab import netns
@@ -114,11 +115,31 @@ class EchoClient:
         await self._write(pattern(self.conn_id, self.stats.sent, n))
         await self._reader(self.stats.sent, timeout)
 
+    @contextlib.asynccontextmanager
+    async def _reading(
+        self, stop_at: int | None, timeout: float
+    ) -> AsyncIterator[asyncio.Task[None]]:
+        """A reader task for the block; a broken connection is recorded, not raised."""
+        reader = asyncio.create_task(self._reader(stop_at, timeout))
+        try:
+            yield reader
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            reader.cancel()
+            try:
+                await reader
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled ourselves: never swallow that
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+
     async def run_typing(self, stop: asyncio.Event, *, chunk: int = 8, period: float = 0.05,
                          read_timeout: float = 30.0) -> EchoStats:
         """Type `chunk` bytes every `period` s until `stop`, then wait for all echoes."""
-        reader = asyncio.create_task(self._reader(None, read_timeout))
-        try:
+        async with self._reading(None, read_timeout) as reader:
             while not stop.is_set():
                 if reader.done():
                     reader.result()
@@ -130,34 +151,19 @@ class EchoClient:
                 if reader.done():
                     reader.result()
                 await asyncio.sleep(0.01)
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
         return self.stats
 
     async def transfer(self, total: int, *, block: int = 1 << 16, pace: float = 0.0,
                        timeout: float = 60.0) -> EchoStats:
         """Send `total` bytes (a block every `pace` s, or as fast as the echo allows)
         and read them all back."""
-        reader = asyncio.create_task(self._reader(total, timeout))
-        try:
-            while self.stats.sent < total:
+        async with self._reading(total, timeout) as reader:
+            while self.stats.sent < total and not reader.done():
                 n = min(block, total - self.stats.sent)
                 await self._write(pattern(self.conn_id, self.stats.sent, n))
-                if reader.done():
-                    break
                 if pace:
                     await asyncio.sleep(pace)
             await reader
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
         return self.stats
 
     def close(self) -> None:
