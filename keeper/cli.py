@@ -38,12 +38,26 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     _need_root()
     if args.action == "up":
-        spec = asyncio.run(ops.up(args.lab, tuple(args.hosts.split(","))))
+        async def up() -> tuple[topology.LabSpec, dict[str, Any] | None]:
+            spec = await ops.up(args.lab, tuple(args.hosts.split(",")))
+            guest = None
+            if not args.empty:
+                names = [d["name"] for d in (await ops.status(spec))["domains"]]
+                if "guest1" not in names:
+                    guest = await ops.create_guest(spec, "guest1", spec.hosts[0].name,
+                                                   mem_mb=args.mem_mb,
+                                                   dirty_rate=args.dirty_rate)
+            return spec, guest
+
+        spec, guest = asyncio.run(up())
         print(f"lab {spec.name} up")
         for h in spec.hosts:
             print(f"  host {h.name}: netns {h.ns}, management {h.mgmt_ip}")
         print(f"  client: netns {spec.client_ns}, {spec.client_ip}")
-        print(f"  run a client:  ip netns exec {spec.client_ns} nc <domain R ip> 2323")
+        if guest is not None:
+            print(f"  guest1 on host {guest['host']}: its console through Domain R at "
+                  f"{guest['ip']}:2323")
+            print(f"    ip netns exec {spec.client_ns} telnet {guest['ip']} 2323")
         return 0
     if args.action == "down":
         for line in topology.down(args.lab):
@@ -81,14 +95,50 @@ def cmd_domr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest(args: argparse.Namespace) -> int:
+    from keeper.lab import ops, topology
+
+    _need_root()
+    spec = topology.load(args.lab)
+    if args.action == "create":
+        doc = asyncio.run(ops.create_guest(spec, args.name, args.host, mem_mb=args.mem_mb,
+                                           dirty_rate=args.dirty_rate,
+                                           event_delay_ms=args.event_delay_ms))
+        print(f"guest {doc['name']} on host {doc['host']}: console through Domain R at "
+              f"{doc['ip']}:2323")
+        return 0
+    doc = asyncio.run(ops.journal(spec, args.name))
+    if args.json:
+        _print({"name": doc["name"], "host": doc["host"], "count": doc["count"],
+                "journal": doc["journal"].decode("latin-1")}, True)
+    else:
+        print(f"{doc['name']} on host {doc['host']}: {doc['count']} bytes received")
+        print(repr(doc["journal"].decode("latin-1")))
+    return 0
+
+
+def _progress(line: dict[str, Any]) -> None:
+    extra = " ".join(f"{k}={v}" for k, v in line.items() if k not in ("phase", "ms"))
+    print(f"  {line['ms']:9.1f} ms  {line['phase']}  {extra}", file=sys.stderr)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from keeper.lab import ops, topology
 
     _need_root()
     spec = topology.load(args.lab)
-    trace = asyncio.run(ops.migrate(spec, args.name, args.to))
+    trace = asyncio.run(ops.migrate(spec, args.name, args.to,
+                                    progress=None if args.json else _progress))
     if args.json:
         _print(trace, True)
+    elif trace.get("kind") == "co-migration":
+        print(f"{args.name}: {trace['source']} -> {trace['target']} in "
+              f"{trace['total_ms']:.0f} ms; downtime U {trace['downtime_ms']['U']:.1f} ms, "
+              f"R {trace['downtime_ms']['R']:.1f} ms; {len(trace['rounds'])} rounds, "
+              f"{trace['bytes_sent']} bytes; sync points {' '.join(trace['sync_points'])}"
+              f" ({'in order' if trace['trace_ok'] else 'OUT OF ORDER'})")
+        for m in trace["marks"]:
+            print(f"  {m['ms']:9.2f} ms  {m['name']}")
     else:
         print(f"{args.name}: {trace['source']} -> {trace['target']}, pause "
               f"{trace['pause_ms']:.1f} ms, {trace['sessions']} sessions, "
@@ -107,6 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from keeper.domr import main as domr_main
+    from keeper.domu import main as domu_main
     from keeper.hostd import main as hostd_main
 
     parser = argparse.ArgumentParser(prog="keeper", description=__doc__,
@@ -118,8 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--lab", default="keeper", help="lab name (prefix of its namespaces)")
     p.add_argument("--hosts", default="a,b", help="host names for `up` (default a,b)")
+    p.add_argument("--empty", action="store_true", help="`up` without the guest pair guest1")
+    p.add_argument("--mem-mb", type=int, default=256, help="guest1's memory (MiB)")
+    p.add_argument("--dirty-rate", type=float, default=0.0,
+                   help="guest1's background workload: pages dirtied per second")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lab)
+
+    p = sub.add_parser("guest", help="guests (Domain U + its Domain R)")
+    gsub = p.add_subparsers(dest="action", required=True)
+    c = gsub.add_parser("create", help="create a guest pair on a host")
+    c.add_argument("name")
+    c.add_argument("--host", default="a")
+    c.add_argument("--mem-mb", type=int, default=256)
+    c.add_argument("--dirty-rate", type=float, default=0.0)
+    c.add_argument("--event-delay-ms", type=float, default=0.0)
+    c.add_argument("--lab", default="keeper")
+    c.set_defaults(func=cmd_guest)
+    j = gsub.add_parser("journal", help="what the guest's input journal holds")
+    j.add_argument("name")
+    j.add_argument("--lab", default="keeper")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_guest)
+    domu_main.add_parser(sub)
 
     p = sub.add_parser("domr", help="Domain R: create, delete, or run the process")
     dsub = p.add_subparsers(dest="action", required=True)

@@ -15,6 +15,8 @@ from keeper.errors import ProtocolError
 # Above this much unsent output the adapter stops reading from the client
 # (backpressure), so a checkpoint stays bounded.
 OUTPUT_HIGH_WATER = 256 * 1024
+# Above this much input the device has not taken yet (a full ring), likewise.
+INPUT_HIGH_WATER = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -59,8 +61,11 @@ class RawSession:
 
     @property
     def wants_input(self) -> bool:
-        return len(self.pending_out) < OUTPUT_HIGH_WATER and not self.peer_eof
+        return (len(self.pending_out) < OUTPUT_HIGH_WATER
+                and len(self.pending_in) < INPUT_HIGH_WATER and not self.peer_eof)
 
     @property
     def finished(self) -> bool:
+        # with an echo device pending_in drains at once; with a guest console the
+        # client may close before its last bytes reached the ring: those still go
         return self.peer_eof and not self.pending_in and not self.pending_out

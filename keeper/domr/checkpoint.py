@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from keeper import serial
 from keeper.console.raw import RawSession
+from keeper.domr.console import ConsoleBackendState
 from keeper.net.tcprepair import TcpRepairRecord
 
 KIND = "domr-checkpoint"
@@ -27,6 +28,8 @@ class DomrCheckpoint:
     sessions: list[SessionCheckpoint] = field(default_factory=list)
     # sessions that could not be moved, with the reason (they end on the source)
     left_behind: list[str] = field(default_factory=list)
+    # the guest console backend (None: the stand-alone echo service)
+    device: ConsoleBackendState | None = None
 
 
 def encode(ckpt: DomrCheckpoint) -> bytes:

@@ -27,8 +27,10 @@ from aiohttp import web
 
 from keeper import control
 from keeper.arp.garp import parse_schedule
+from keeper.domr.console import ConsoleBackend
 from keeper.domr.server import DomainR
 from keeper.lab import netns
+from keeper.vmm.hypercall import HypercallClient
 
 log = logging.getLogger("keeper.domr")
 PR_SET_PDEATHSIG = 1
@@ -106,9 +108,14 @@ def _die_with_parent(on: bool) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    device = None
+    if args.hypercall:
+        device = ConsoleBackend(HypercallClient(args.hypercall))
+        if not args.restore:
+            device.connect()  # first start: find the guest's console and bind it
     domr = DomainR(args.name, args.ip, args.mac, console_port=args.console_port,
                    announce=not args.no_announce,
-                   announce_schedule=parse_schedule(args.announce_schedule))
+                   announce_schedule=parse_schedule(args.announce_schedule), device=device)
     if args.restore:
         _die_with_parent(True)
         if os.getppid() != args.parent:
@@ -149,6 +156,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--netns", required=True, help="network namespace to run in")
     p.add_argument("--control", required=True, help="Unix socket path for the host agent")
     p.add_argument("--console-port", type=int, default=2323)
+    p.add_argument("--hypercall", help="hypercall socket: serve the guest's console "
+                   "(without it: a stand-alone echo service)")
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
     p.add_argument("--parent", type=int, default=0, help="the agent's PID (with --restore)")
     p.add_argument("--announce-schedule", default="0,20,100,300",

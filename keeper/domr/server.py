@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from keeper.arp.garp import DEFAULT_SCHEDULE_MS
 from keeper.console.raw import RawSession
 from keeper.domr import checkpoint as ck
+from keeper.domr.console import ConsoleBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.tcpinfo import tcp_info
@@ -49,12 +50,26 @@ class Phase(enum.Enum):
 
 
 class EchoDevice:
-    """Stand-in device: what the client types comes straight back."""
+    """Stand-in device for a Domain R without a guest: what a client types comes back."""
 
-    def pump(self, session: RawSession) -> None:
+    state = None
+
+    def on_input(self, session: RawSession) -> None:
         data = session.take_input()
         if data:
             session.queue_output(data)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+Device = EchoDevice | ConsoleBackend
 
 
 class Conn:
@@ -62,7 +77,7 @@ class Conn:
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state: RawSession,
-        device: EchoDevice, on_close: Callable[[Conn, str], None],
+        device: Device, on_close: Callable[[Conn, str], None],
     ) -> None:
         self.loop, self.sock, self.state, self.device = loop, sock, state, device
         self._on_close = on_close
@@ -75,7 +90,7 @@ class Conn:
 
     def start(self) -> None:
         self.sock.setblocking(False)
-        self.device.pump(self.state)
+        self.device.on_input(self.state)
         self._flush()
 
     def stop(self) -> None:
@@ -107,10 +122,12 @@ class Conn:
             self.close(f"recv: {exc}")
             return
         self.state.receive(data)
-        self.device.pump(self.state)
+        self.device.on_input(self.state)
         self._flush()
 
     def _flush(self) -> None:
+        if self.sock.fileno() < 0:
+            return
         st = self.state
         while st.pending_out:
             try:
@@ -148,10 +165,14 @@ class DomainR:
         self, name: str, ip: str, mac: str, *, iface: str = "eth0",
         console_port: int = CONSOLE_PORT, announce: bool = True,
         announce_schedule: tuple[int, ...] = DEFAULT_SCHEDULE_MS,
+        device: Device | None = None,
     ) -> None:
         self.name, self.ip, self.mac, self.iface = name, ip, mac, iface
         self.console_port = console_port
-        self.device = EchoDevice()
+        self.device: Device = device if device is not None else EchoDevice()
+        if isinstance(self.device, ConsoleBackend):
+            self.device.broadcast = self._broadcast
+            self.device.retry_inputs = self._retry_inputs
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
         self.phase = Phase.EMPTY
@@ -190,6 +211,19 @@ class DomainR:
         assert self.listener is not None
         self.loop.add_reader(self.listener.fileno(), self._accept_ready)
         self.phase = Phase.SERVING
+        self.device.start(self.loop)
+
+    def _broadcast(self, data: bytes) -> None:
+        """Console output goes to every session (terminals on one serial line)."""
+        for conn in list(self.conns.values()):
+            conn.state.queue_output(data)
+            conn._flush()
+
+    def _retry_inputs(self) -> None:
+        for conn in list(self.conns.values()):
+            if conn.state.pending_in:
+                self.device.on_input(conn.state)
+                conn._flush()
 
     def _accept_ready(self) -> None:
         assert self.listener is not None
@@ -233,6 +267,7 @@ class DomainR:
         self._require(Phase.SERVING, Phase.QUIESCED)
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
+        self.device.stop()  # from here on the shared ring is not touched (S3)
         for conn in self.conns.values():
             conn.stop()
         self.phase = Phase.QUIESCED
@@ -260,6 +295,7 @@ class DomainR:
             ck.DomrCheckpoint(
                 name=self.name, ip=self.ip, mac=self.mac, next_session_id=self.next_id,
                 sessions=sessions, left_behind=list(self.left_behind),
+                device=self.device.state,
             )
         )
         self.last_move = MoveStats(
@@ -310,6 +346,11 @@ class DomainR:
                 f"checkpoint is for {doc.name} {doc.ip} {doc.mac}, this is "
                 f"{self.name} {self.ip} {self.mac}"
             )
+        if (doc.device is None) != isinstance(self.device, EchoDevice):
+            raise KeeperError("checkpoint and this Domain R disagree about the guest console")
+        if doc.device is not None:
+            assert isinstance(self.device, ConsoleBackend)
+            self.device.reconnect(doc.device)  # S7: the same pages, the same port
         restored: list[Conn] = []
         try:
             for item in doc.sessions:
@@ -397,5 +438,6 @@ class DomainR:
             await asyncio.wait(self._announce_tasks, timeout=1)
         if self._announcer is not None:
             self._announcer.close()
+        self.device.close()
         self.phase = Phase.CLOSED
         self.stopped.set()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -34,10 +35,15 @@ from aiohttp import web
 from keeper import control
 from keeper.arp.garp import parse_schedule
 from keeper.errors import KeeperError, LabError
+from keeper.hostd import metrics
 from keeper.hostd.client import Http
+from keeper.hostd.guests import Guests
 from keeper.lab import placement, procs
 from keeper.lab.topology import AGENT_PORT, HostSpec, LabSpec
-from keeper.migrate import mm_r
+from keeper.migrate import mm_r, pagestream
+from keeper.migrate.coordinator import CoMigration
+from keeper.vmm.hypercall import HypercallServer
+from keeper.vmm.hypervisor import Hypervisor
 
 log = logging.getLogger("keeper.hostd")
 
@@ -54,14 +60,18 @@ class DomrEntry:
     proc: subprocess.Popen[bytes] | None
     announce: bool = True
     announce_schedule: str = "0,20,100,300"
-    state: str = "starting"  # starting | incoming | running | moving
+    state: str = "starting"  # starting | incoming | restored | running | moving
     created: float = field(default_factory=time.time)
+    r_domid: int | None = None  # its domain in the hypervisor (guest consoles only)
+    hc: HypercallServer | None = None
 
 
 class HostAgent:
-    def __init__(self, spec: LabSpec, host: str) -> None:
+    def __init__(self, spec: LabSpec, host: str, *, may_write: bool = True) -> None:
         self.spec = spec
         self.host: HostSpec = spec.host(host)
+        self.hv = Hypervisor(host, may_write=may_write)
+        self.guests = Guests(self)
         self.domrs: dict[str, DomrEntry] = {}
         self._peers: dict[str, Http] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -103,10 +113,19 @@ class HostAgent:
     # -- Domain R processes -------------------------------------------------------
 
     async def start_domr(self, name: str, ip: str, mac: str, *, restore: bool,
-                         announce: bool = True,
-                         announce_schedule: str = "0,20,100,300") -> DomrEntry:
+                         announce: bool = True, announce_schedule: str = "0,20,100,300",
+                         guest: bool = False) -> DomrEntry:
+        """Place and start a Domain R. With `guest`, it is a domain of the hypervisor with
+        a hypercall channel and serves the console of guest `name` (on a restore the
+        association comes later, at S1)."""
         if name in self.domrs:
             raise LabError(f"Domain R {name} already exists on host {self.host.name}")
+        r_domid, hc = None, None
+        if guest:
+            managed = None if restore else self.guests.get(name).u.domid
+            r_domid = self.hv.create_domain_r(name, managed=managed).domid
+            hc = HypercallServer(self.hv, r_domid, self.spec.rundir /
+                                 f"hc-{name}-r-{self.host.name}.sock")
         log.info("placing Domain R %s (%s %s)", name, ip, mac)
         ns = await asyncio.to_thread(
             placement.place, self.spec, self.host.name, name, ip, mac, link_up=not restore
@@ -120,10 +139,13 @@ class HostAgent:
         if not announce:
             argv.append("--no-announce")
         argv += ["--announce-schedule", announce_schedule]
+        if hc is not None:
+            argv += ["--hypercall", str(hc.path)]
         path.unlink(missing_ok=True)
         proc = procs.spawn(self.spec.rundir, self.label(name), argv)
         entry = DomrEntry(name, ip, mac, ns, Http(unix=str(path), timeout=10), proc,
-                          announce=announce, announce_schedule=announce_schedule)
+                          announce=announce, announce_schedule=announce_schedule,
+                          r_domid=r_domid, hc=hc)
         self.domrs[name] = entry
         try:
             await self._wait_ready(entry, path)
@@ -161,6 +183,10 @@ class HostAgent:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     await asyncio.to_thread(proc.wait, 5)
         procs.forget(self.spec.rundir, self.label(name))
+        if entry.hc is not None:
+            entry.hc.close()
+        if entry.r_domid is not None:
+            self.hv.destroy(entry.r_domid)
         await asyncio.to_thread(placement.remove, self.spec, self.host.name, name)
 
     async def stop_domr(self, name: str) -> None:
@@ -187,8 +213,12 @@ class HostAgent:
                 except KeeperError as exc:
                     item["error"] = str(exc)
             doms.append(item)
+        guests = [{"name": g.name, "domid": g.u.domid, "state": g.state,
+                   "mem_bytes": g.u.pages * 4096, "pid": g.proc.pid if g.proc else None}
+                  for g in self.guests.entries.values()]
         return {"host": self.host.name, "mgmt_ip": self.host.mgmt_ip, "netns": self.host.ns,
-                "moves": self.moves, "domrs": doms}
+                "moves": self.moves, "may_write": self.hv.may_write_enabled,
+                "domrs": doms, "guests": guests}
 
     # -- HTTP -------------------------------------------------------------------------
 
@@ -210,10 +240,7 @@ class HostAgent:
             body = await request.json()
             name = body["name"]
             placement.check_name(name)
-            try:
-                parse_schedule(body.get("announce_schedule", "0,20,100,300"))
-            except ValueError as exc:
-                raise KeeperError(str(exc)) from None
+            parse_schedule_or_fail(body.get("announce_schedule", "0,20,100,300"))
             async with self.lock(name):
                 entry = await self.start_domr(
                     name, body["ip"], body["mac"], restore=False,
@@ -256,6 +283,179 @@ class HostAgent:
             await entry.control.call("POST", "/announce")
             return web.json_response({"ok": True})
 
+        # -- guests (Domain U + Domain R pairs) ---------------------------------------
+
+        @routes.post("/guest")
+        @guarded
+        async def create_guest(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            name = body["name"]
+            placement.check_name(name)
+            parse_schedule_or_fail(body.get("announce_schedule", "0,20,100,300"))
+            async with self.lock(name):
+                entry = self.guests.create_domain(
+                    name, int(body.get("mem_mb", 256)) << 20,
+                    event_delay_ms=float(body.get("event_delay_ms", 0)),
+                    dirty_rate=float(body.get("dirty_rate", 0)))
+                try:
+                    await self.guests.start_process(entry, resume=False)
+                    await self.guests.wait_console(entry)
+                    await self.start_domr(name, body["ip"], body["mac"], restore=False,
+                                          announce=body.get("announce", True),
+                                          announce_schedule=body.get("announce_schedule",
+                                                                     "0,20,100,300"),
+                                          guest=True)
+                except BaseException:
+                    await self.guests.destroy(name)
+                    raise
+            return web.json_response({"name": name, "host": self.host.name,
+                                      "domid": entry.u.domid, "ip": body["ip"],
+                                      "mac": body["mac"]})
+
+        @routes.delete("/guest/{name}")
+        @guarded
+        async def delete_guest(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            async with self.lock(name):
+                if name in self.domrs:
+                    await self.stop_domr(name)
+                await self.guests.destroy(name)
+            return web.json_response({"removed": name})
+
+        @routes.get("/guest/{name}/journal")
+        @guarded
+        async def journal(request: web.Request) -> web.StreamResponse:
+            doc = self.guests.journal(request.match_info["name"])
+            doc["journal"] = doc["journal"].hex()
+            return web.json_response(doc)
+
+        @routes.post("/guest/{name}/migrate")
+        @guarded
+        async def migrate_guest(request: web.Request) -> web.StreamResponse:
+            """Streams progress as JSON lines; the last line is the summary or an error."""
+            name = request.match_info["name"]
+            target = (await request.json())["to"]
+            self.spec.host(target)
+            self.guests.get(name)
+            if target == self.host.name:
+                raise KeeperError(f"{name} is already on {target}")
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            lines: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
+            co = CoMigration(self, name, target, progress=lines.put_nowait)
+
+            async def drive() -> None:
+                try:
+                    async with self.lock(name):
+                        summary = await co.run()
+                    self.moves += 1
+                    metrics.observe_migration(summary)
+                    await lines.put({"done": True, "summary": summary})
+                except KeeperError as exc:
+                    metrics.MIGRATIONS.labels(result="rolled_back").inc()
+                    await lines.put({"done": True, "error": str(exc)})
+                finally:
+                    await lines.put(None)
+
+            task = asyncio.create_task(drive())
+            try:
+                while (item := await lines.get()) is not None:
+                    with contextlib.suppress(ConnectionError):
+                        await resp.write(json.dumps(item).encode() + b"\n")
+            finally:
+                await task  # the migration finishes (or rolls back) even if the caller left
+            with contextlib.suppress(ConnectionError):
+                await resp.write_eof()
+            return resp
+
+        @routes.post("/vmm/config")
+        @guarded
+        async def vmm_config(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            if "may_write" in body:
+                self.hv.may_write_enabled = bool(body["may_write"])
+            return web.json_response({"may_write": self.hv.may_write_enabled})
+
+        @routes.get("/metrics")
+        async def metrics_page(_: web.Request) -> web.StreamResponse:
+            body, ctype = metrics.render(self)
+            return web.Response(body=body, headers={"Content-Type": ctype})
+
+        @peer_routes.post("/peer/guest/{name}/incoming")
+        @guarded
+        async def incoming(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            name = request.match_info["name"]
+            self.fault("incoming")
+            stale = self.guests.entries.get(name)
+            if stale is not None and stale.state == "incoming":
+                await self.guests.destroy(name)  # from an earlier, failed migration
+            entry = self.guests.create_domain(
+                name, int(body["mem_bytes"]), event_delay_ms=float(body["event_delay_ms"]),
+                dirty_rate=float(body["dirty_rate"]), state="incoming")
+            try:
+                await self.guests.start_process(entry, resume=True)  # waits for `go`
+            except BaseException:
+                await self.guests.destroy(name)
+                raise
+            entry.state = "incoming"
+            return web.json_response({"domid": entry.u.domid})
+
+        @peer_routes.post("/peer/guest/{name}/associate")
+        @guarded
+        async def associate(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            self.fault("associate")
+            r = self.domr(name)
+            assert r.r_domid is not None
+            self.hv.associate(r.r_domid, self.guests.get(name).u.domid)
+            return web.json_response({"r": r.r_domid})
+
+        @peer_routes.post("/peer/guest/{name}/pages")
+        @guarded
+        async def pages(request: web.Request) -> web.StreamResponse:
+            entry = self.guests.get(request.match_info["name"])
+            if entry.state != "incoming":
+                raise KeeperError(f"guest {entry.name} is {entry.state}, not incoming")
+            self.fault("pages")
+            assert entry.u.mem is not None
+            written, nbytes = await pagestream.apply(
+                request.content.readexactly, memoryview(entry.u.mem), entry.u.pages)
+            metrics.PAGES_RECEIVED.inc(written)
+            return web.json_response({"pages": written, "bytes": nbytes})
+
+        @peer_routes.post("/peer/guest/{name}/evtchns")
+        @guarded
+        async def evtchns(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            entry = self.guests.get(name)
+            self.fault("evtchns")
+            r = self.domr(name)
+            assert r.r_domid is not None
+            pairs = [(int(a), int(b)) for a, b in (await request.json())["pairs"]]
+            self.hv.restore_evtchns(r.r_domid, entry.u.domid, pairs)  # S6
+            entry.evtchns_ready = True
+            return web.json_response({"pairs": pairs})
+
+        @peer_routes.post("/peer/guest/{name}/resume")
+        @guarded
+        async def guest_resume(request: web.Request) -> web.StreamResponse:
+            entry = self.guests.get(request.match_info["name"])
+            if not entry.evtchns_ready:  # S6: never before the channels are back
+                raise KeeperError(f"guest {entry.name}: event channels not re-established")
+            self.fault("guest_resume")
+            await self.guests.go(entry)
+            return web.json_response({"resumed": entry.name})
+
+        @peer_routes.post("/peer/guest/{name}/cancel")
+        @guarded
+        async def guest_cancel(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            entry = self.guests.entries.get(name)
+            if entry is not None and entry.state == "incoming":
+                await self.guests.destroy(name)
+            return web.json_response({"cancelled": name})
+
         @routes.post("/debug/fault")
         @guarded
         async def set_fault(request: web.Request) -> web.StreamResponse:
@@ -282,7 +482,8 @@ class HostAgent:
                 await self.stop_domr(name)  # a leftover from an earlier, failed move
             await self.start_domr(name, body["ip"], body["mac"], restore=True,
                                   announce=body.get("announce", True),
-                                  announce_schedule=body.get("announce_schedule", "0,20,100,300"))
+                                  announce_schedule=body.get("announce_schedule", "0,20,100,300"),
+                                  guest=bool(body.get("guest", False)))
             return web.json_response({"ready": name})
 
         @peer_routes.post("/peer/domr/{name}/restore")
@@ -296,24 +497,32 @@ class HostAgent:
             t0 = time.monotonic()
             restored = await entry.control.call("POST", "/restore", data=blob)
             self.fault("restored")
+            entry.state = "restored"
+            return web.json_response({
+                "sessions": restored["sessions"], "restore_ms": restored["restore_ms"],
+                "restore_call_ms": (time.monotonic() - t0) * 1e3})
+
+        @peer_routes.post("/peer/domr/{name}/resume")
+        @guarded
+        async def resume(request: web.Request) -> web.StreamResponse:
+            entry = self.domr(request.match_info["name"])
+            if entry.state != "restored":
+                raise KeeperError(f"Domain R {entry.name} is {entry.state}, not restored")
             t1 = time.monotonic()
-            await self.set_link(entry.name, up=True)
+            await self.set_link(entry.name, up=True)  # the source's link is down already
             self.fault("link_up")
             t2 = time.monotonic()
             await entry.control.call("POST", "/resume")
-            t3 = time.monotonic()
             entry.state = "running"
-            return web.json_response({
-                "sessions": restored["sessions"], "restore_ms": restored["restore_ms"],
-                "restore_call_ms": (t1 - t0) * 1e3, "link_up_ms": (t2 - t1) * 1e3,
-                "resume_ms": (t3 - t2) * 1e3,
-            })
+            return web.json_response({"link_up_ms": (t2 - t1) * 1e3,
+                                      "resume_ms": (time.monotonic() - t2) * 1e3})
 
         @peer_routes.post("/peer/domr/{name}/cancel")
         @guarded
         async def cancel(request: web.Request) -> web.StreamResponse:
             name = request.match_info["name"]
-            if name in self.domrs:
+            entry = self.domrs.get(name)
+            if entry is not None and entry.state in ("incoming", "restored"):
                 await self.set_link(name, up=False)
                 await self.stop_domr(name)
             return web.json_response({"cancelled": name})
@@ -332,10 +541,17 @@ class HostAgent:
             await entry.control.close()
 
 
-async def serve(spec: LabSpec, host: str) -> int:
+def parse_schedule_or_fail(text: str) -> None:
+    try:
+        parse_schedule(text)
+    except ValueError as exc:
+        raise KeeperError(str(exc)) from None
+
+
+async def serve(spec: LabSpec, host: str, *, may_write: bool = True) -> int:
     import signal
 
-    agent = HostAgent(spec, host)
+    agent = HostAgent(spec, host, may_write=may_write)
     local_app, peer_app = agent.apps()
     local = web.AppRunner(local_app, access_log=None)
     peer = web.AppRunner(peer_app, access_log=None)

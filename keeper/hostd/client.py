@@ -7,6 +7,7 @@ timeout; a non-2xx answer raises with the server's own error text.
 from __future__ import annotations
 
 import json as jsonlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -56,6 +57,29 @@ class Http:
         except TimeoutError as exc:
             raise KeeperError(f"{method} {self.where}{path}: no answer in "
                               f"{timeout or self.timeout:.0f} s") from exc
+        except aiohttp.ClientError as exc:
+            raise KeeperError(f"{method} {self.where}{path}: {exc}") from exc
+
+    async def lines(self, method: str, path: str, *, json: Any = None,
+                    timeout: float = 600.0) -> AsyncIterator[Any]:
+        """A streamed answer, one JSON document per line."""
+        session = self._get_session()
+        to = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with session.request(method, self.base + path, json=json,
+                                       timeout=to) as resp:
+                if resp.status >= 300:
+                    body = await resp.read()
+                    try:
+                        message = jsonlib.loads(body)["error"]
+                    except (ValueError, KeyError, TypeError):
+                        message = body.decode(errors="replace")[:500]
+                    raise RemoteError(f"{method} {self.where}{path}", resp.status, message)
+                async for line in resp.content:
+                    if line.strip():
+                        yield jsonlib.loads(line)
+        except TimeoutError as exc:
+            raise KeeperError(f"{method} {self.where}{path}: no end in {timeout:.0f} s") from exc
         except aiohttp.ClientError as exc:
             raise KeeperError(f"{method} {self.where}{path}: {exc}") from exc
 

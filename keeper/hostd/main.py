@@ -12,6 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("hostd", help="run a host agent (started by `keeper lab up`)")
     p.add_argument("--lab", default="keeper")
     p.add_argument("--host", required=True)
+    p.add_argument("--no-may-write", action="store_true",
+                   help="turn off D-MORE's may-write extension to log-dirty (ablation)")
     p.set_defaults(func=run)
 
 
@@ -23,4 +25,4 @@ def run(args: argparse.Namespace) -> int:
     from keeper.hostd.agent import serve
 
     logging.getLogger().setLevel(logging.INFO)
-    return uvloop.run(serve(spec, args.host))
+    return uvloop.run(serve(spec, args.host, may_write=not args.no_may_write))

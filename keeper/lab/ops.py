@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
-from keeper.errors import KeeperError, LabError
+from keeper.errors import KeeperError, LabError, MigrationError
 from keeper.hostd.client import Http
 from keeper.lab import procs, topology
 from keeper.lab.topology import LabSpec
@@ -72,7 +73,10 @@ async def status(spec: LabSpec) -> dict[str, Any]:
         "switch_netns": spec.switch_ns, "hosts": hosts,
         "domains": [
             {"name": d["name"], "host": h["host"], "ip": d["ip"], "mac": d["mac"],
-             "state": d["state"], "services": d.get("services", {})}
+             "state": d["state"], "services": d.get("services", {}),
+             "guest": any(g["name"] == d["name"] for g in h.get("guests", [])),
+             "mem_bytes": next((g["mem_bytes"] for g in h.get("guests", [])
+                                if g["name"] == d["name"]), None)}
             for h in hosts for d in h["domrs"]
         ],
     }
@@ -97,8 +101,46 @@ async def create_domr(spec: LabSpec, dom: str, host: str, *, index: int | None =
                             "announce_schedule": announce_schedule})
 
 
-async def migrate(spec: LabSpec, dom: str, to: str) -> dict[str, Any]:
+async def migrate(spec: LabSpec, dom: str, to: str,
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Move guest `dom` (Domain U + Domain R, co-migration) or a stand-alone Domain R."""
     spec.host(to)
-    source = await where(spec, dom)
-    return await call(spec, source, "POST", f"/domr/{dom}/migrate", json={"to": to},
-                      timeout=120)
+    doc = next((d for d in (await status(spec))["domains"]
+                if d["name"] == dom and d["state"] != "incoming"), None)
+    if doc is None:
+        raise LabError(f"no domain {dom!r} in lab {spec.name}")
+    source = str(doc["host"])
+    if not doc["guest"]:
+        return await call(spec, source, "POST", f"/domr/{dom}/migrate", json={"to": to},
+                          timeout=120)
+    http = agent(spec, source)
+    try:
+        async for line in http.lines("POST", f"/guest/{dom}/migrate", json={"to": to}):
+            if line.get("done"):
+                if "error" in line:
+                    raise MigrationError(line["error"])
+                return dict(line["summary"])
+            if progress is not None:
+                progress(line)
+    finally:
+        await http.close()
+    raise MigrationError(f"migration of {dom}: the agent on {source} stopped answering")
+
+
+async def create_guest(spec: LabSpec, name: str, host: str, *, index: int | None = None,
+                       mem_mb: int = 256, event_delay_ms: float = 0.0,
+                       dirty_rate: float = 0.0, announce: bool = True) -> dict[str, Any]:
+    if index is None:
+        used = {d["ip"] for d in (await status(spec))["domains"]}
+        index = next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
+    return await call(spec, host, "POST", "/guest", timeout=60, json={
+        "name": name, "ip": spec.domr_ip(index), "mac": spec.domr_mac(index),
+        "mem_mb": mem_mb, "event_delay_ms": event_delay_ms, "dirty_rate": dirty_rate,
+        "announce": announce})
+
+
+async def journal(spec: LabSpec, name: str) -> dict[str, Any]:
+    host = await where(spec, name)
+    doc = await call(spec, host, "GET", f"/guest/{name}/journal")
+    doc["journal"] = bytes.fromhex(doc["journal"])
+    return dict(doc)

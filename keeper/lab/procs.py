@@ -38,7 +38,8 @@ def is_ours(pid: int) -> bool:
     return b"keeper" in cmdline
 
 
-def spawn(rundir: Path, label: str, argv: list[str]) -> subprocess.Popen[bytes]:
+def spawn(rundir: Path, label: str, argv: list[str],
+          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """Start `python -m keeper ARGV...` detached, logging to <rundir>/<label>.log."""
     rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
     logf = open(rundir / f"{label}.log", "ab")  # noqa: SIM115 (handed to the child)
@@ -46,7 +47,7 @@ def spawn(rundir: Path, label: str, argv: list[str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keeper", *argv],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, pass_fds=pass_fds,
         )
     finally:
         logf.close()

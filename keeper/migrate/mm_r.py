@@ -63,6 +63,7 @@ async def move_out(agent: HostAgent, dom: str, target: str) -> Trace:
         trace.info["queued_out"] = int(headers.get("X-Keeper-Queued-Out", "0"))
         result = await peer.call("POST", f"/peer/domr/{dom}/restore", data=blob,
                                  timeout=RESTORE_TIMEOUT)
+        result.update(await peer.call("POST", f"/peer/domr/{dom}/resume"))
         trace.mark("resumed")
         trace.info["restore"] = result
     except BaseException as exc:
