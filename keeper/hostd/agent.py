@@ -35,7 +35,7 @@ from aiohttp import web
 from keeper import control
 from keeper.arp.garp import parse_schedule
 from keeper.errors import KeeperError, LabError
-from keeper.hostd import metrics
+from keeper.hostd import metrics, tls
 from keeper.hostd.client import Http
 from keeper.hostd.guests import Guests
 from keeper.lab import placement, procs
@@ -91,7 +91,8 @@ class HostAgent:
 
     def peer(self, host: str) -> Http:
         if host not in self._peers:
-            self._peers[host] = Http(base=self.spec.host(host).agent_url)
+            self._peers[host] = Http(base=self.spec.host(host).agent_url,
+                                     ssl=tls.client_context(self.spec.pki, self.host.name))
         return self._peers[host]
 
     async def set_link(self, name: str, *, up: bool) -> None:
@@ -564,7 +565,8 @@ async def serve(spec: LabSpec, host: str, *, may_write: bool = True) -> int:
         await web.UnixSite(local, str(sock_path)).start()
     finally:
         os.umask(old)
-    await web.TCPSite(peer, agent.host.mgmt_ip, AGENT_PORT).start()
+    await web.TCPSite(peer, agent.host.mgmt_ip, AGENT_PORT,
+                      ssl_context=tls.server_context(spec.pki, host)).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,7 @@ timeout; a non-2xx answer raises with the server's own error text.
 from __future__ import annotations
 
 import json as jsonlib
+import ssl as ssl_mod
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,8 +26,9 @@ class RemoteError(KeeperError):
 
 class Http:
     def __init__(self, *, unix: str | None = None, base: str = "http://keeper",
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, ssl: ssl_mod.SSLContext | None = None) -> None:
         self.unix, self.base, self.timeout = unix, base.rstrip("/"), timeout
+        self.ssl = ssl
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -35,7 +37,11 @@ class Http:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.UnixConnector(path=self.unix) if self.unix else None
+            connector: aiohttp.BaseConnector | None = None
+            if self.unix:
+                connector = aiohttp.UnixConnector(path=self.unix)
+            elif self.ssl is not None:
+                connector = aiohttp.TCPConnector(ssl=self.ssl)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 

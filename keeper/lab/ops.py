@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keeper.errors import KeeperError, LabError, MigrationError
+from keeper.hostd import tls
 from keeper.hostd.client import Http
 from keeper.lab import procs, topology
 from keeper.lab.topology import LabSpec
@@ -34,6 +35,8 @@ async def up(name: str = "keeper", hosts: tuple[str, ...] = ("a", "b")) -> LabSp
     except LabError:
         spec = topology.spec_for(name, hosts)
     await asyncio.to_thread(topology.build_network, spec)
+    # the agents' peer channel: mutual TLS with a CA made for this lab
+    tls.make_lab_pki(spec.pki, {h.name: h.mgmt_ip for h in spec.hosts})
     for h in spec.hosts:
         sock = spec.agent_socket(h.name)
         pidf = procs.pidfile(spec.rundir, f"hostd-{h.name}")

@@ -37,7 +37,7 @@ class HostSpec:
 
     @property
     def agent_url(self) -> str:
-        return f"http://{self.mgmt_ip}:{AGENT_PORT}"
+        return f"https://{self.mgmt_ip}:{AGENT_PORT}"  # mutual TLS with the lab CA
 
 
 @dataclass(slots=True)
@@ -58,6 +58,10 @@ class LabSpec:
                 return h
         raise LabError(f"lab {self.name} has no host {name!r} "
                        f"(hosts: {', '.join(h.name for h in self.hosts)})")
+
+    @property
+    def pki(self) -> Path:
+        return self.rundir / "pki"
 
     def agent_socket(self, host: str) -> Path:
         return self.rundir / f"hostd-{host}.sock"
