@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from keeper import demo
+from keeper.lab import domr_moves as demo
 from keeper.lab import ops, topology
 
 

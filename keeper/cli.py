@@ -216,11 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("demo", help="lab up, sessions, moves back and forth, summary, clean up")
-    p.add_argument("--moves", "--migrations", dest="moves", type=int, default=10)
-    p.add_argument("--sessions", type=int, default=3)
+    p = sub.add_parser("demo", help="lab up, a guest, typing while it migrates back and "
+                       "forth, summary, clean up")
+    p.add_argument("--migrations", type=int, default=10)
+    p.add_argument("--mem-mb", type=int, default=256, help="the guest's memory (MiB)")
+    p.add_argument("--dirty-rate", type=float, default=2000.0,
+                   help="pages the guest's background workload dirties per second")
     p.add_argument("--lab", default="kdemo")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between moves")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between migrations")
     p.add_argument("--json", action="store_true", help="last line: one JSON summary")
     p.set_defaults(func=cmd_demo)
 

@@ -1,10 +1,12 @@
-"""`keeper demo`: a Domain R with live client sessions moving back and forth between hosts.
+"""`keeper demo`: a guest's console session survives co-migrations back and forth.
 
-Sets up a lab, creates Domain R `r1` on host A, opens sessions from the client
-namespace (typists sending a few bytes every 50 ms, like the paper's §5.1 workload,
-and one bulk stream), moves r1 A→B→A… and checks every echoed byte. Prints what was
-sent and received, the pauses and retransmissions, and removes the lab (also on
-Ctrl-C). `bench/move.py` runs the same thing and keeps the raw numbers.
+Builds a lab (switch, hosts a and b with their agents, a client), starts guest1 on
+host a (a simulated Domain U with no network of its own, and its Domain R), connects
+to the guest's console through Domain R from the client namespace, and types one key
+every 50 ms (the paper's §5.1 workload) for the whole run while guest1 migrates
+a→b→a… Then it compares what was typed with what the guest received (its input
+journal), prints the pauses, downtimes and retransmissions, and removes the lab —
+also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import signal
 import statistics
@@ -21,10 +22,10 @@ from typing import Any
 
 from keeper.errors import KeeperError
 from keeper.lab import ops, topology
-from keeper.lab.client import EchoClient
 from keeper.lab.topology import LabSpec
+from keeper.lab.typist import Typist, compare
 
-DOM = "r1"
+GUEST = "guest1"
 
 
 async def _server_retransmits(spec: LabSpec) -> int:
@@ -35,103 +36,95 @@ async def _server_retransmits(spec: LabSpec) -> int:
     return total
 
 
-async def run_moves(spec: LabSpec, *, moves: int, typists: int = 3, bulk: bool = True,
-                    interval: float = 1.0, period: float = 0.05,
-                    say: Any = print) -> dict[str, Any]:
-    """Create r1 on the first host, run sessions through `moves` moves; return a summary."""
-    first, second = spec.hosts[0].name, spec.hosts[1].name
-    doc = await ops.create_domr(spec, DOM, first)
-    addr = (doc["ip"], 2323)
-    say(f"Domain R {DOM} on host {first}: {doc['ip']} {doc['mac']}")
-    say(f"  watch it:  ip netns exec {spec.client_ns} nc {doc['ip']} 2323   (type; it echoes)")
-    clients = [EchoClient(spec.client_ns, addr, i) for i in range(typists)]
-    if bulk:
-        clients.append(EchoClient(spec.client_ns, addr, 100))
-    await asyncio.gather(*(c.connect() for c in clients))
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": 0.0, "max": 0.0}
+    return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
+
+
+async def run_migrations(spec: LabSpec, *, migrations: int, interval: float,
+                         say: Any = print) -> dict[str, Any]:
+    """guest1 must exist; type into its console while it migrates back and forth."""
+    status = await ops.status(spec)
+    dom = next(d for d in status["domains"] if d["name"] == GUEST)
+    hosts = [h.name for h in spec.hosts]
+    say(f"{GUEST} on host {dom['host']}: console through Domain R at {dom['ip']}:2323")
+    say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {dom['ip']} 2323")
+    before = (await ops.journal(spec, GUEST))["count"]
+    typist = Typist(spec.client_ns, (dom["ip"], 2323), prompt=f"{GUEST}:~$ ".encode())
+    await typist.connect()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(c.run_typing(stop, chunk=4, period=period))
-             for c in clients[:typists]]
-    if bulk:
-        tasks.append(asyncio.create_task(clients[-1].run_typing(stop, chunk=16 << 10,
-                                                                period=0.02)))
-    per_move: list[dict[str, Any]] = []
+    typing = asyncio.create_task(typist.run(stop))
+    stats_ref = typist.stats
+    traces: list[dict[str, Any]] = []
+    server_retrans: list[int] = []
     try:
         await asyncio.sleep(interval)
-        for i in range(moves):
-            target = second if i % 2 == 0 else first
-            retrans_before = sum(c.retransmits() for c in clients)
-            server_before = await _server_retransmits(spec)
-            trace = await ops.migrate(spec, DOM, target)
+        where = dom["host"]
+        for i in range(migrations):
+            target = next(h for h in hosts if h != where)
+            server_retrans.append(await _server_retransmits(spec))
+            trace = await ops.migrate(spec, GUEST, target)
+            where = target
+            traces.append(trace)
             await asyncio.sleep(interval)
-            # The pause a user saw: the longest wait of any write whose round trip
-            # overlapped the frozen window (quiesce .. resumed on the target).
+            # the pause a user saw in this migration: the slowest key whose round trip
+            # overlapped the frozen window of Domain R
             marks = {m["name"]: trace["t0_monotonic"] + m["ms"] / 1e3 for m in trace["marks"]}
-            frozen = (marks["quiesced"], marks["resumed"])
-            pause = max((lat for c in clients for (t, lat) in c.stats.samples
-                         if t <= frozen[1] and t + lat / 1e3 >= frozen[0]), default=0.0)
-            restore = trace.get("restore", {})
-            sessions = max(1, trace["sessions"])
-            transfer_ms = (trace["pause_ms"] - trace["dump_ms"] - restore.get("restore_call_ms", 0)
-                           - restore.get("link_up_ms", 0) - restore.get("resume_ms", 0))
-            item = {
-                "move": i + 1, "from": trace["source"], "to": trace["target"],
-                "sessions": trace["sessions"], "pause_ms_server": trace["pause_ms"],
-                "pause_ms_client": round(pause, 3),
-                "retransmits_client": sum(c.retransmits() for c in clients) - retrans_before,
-                "retransmits_server": server_before,
-                "dump_ms_per_socket": trace["dump_ms"] / sessions,
-                "restore_ms_per_socket": restore.get("restore_ms", 0.0) / sessions,
-                "transfer_ms": transfer_ms, "checkpoint_bytes": trace["checkpoint_bytes"],
-                "queued_in": trace["queued_in"], "queued_out": trace["queued_out"],
-                "marks": trace["marks"],
-            }
-            per_move.append(item)
-            say(f"move {i + 1:3d}: {item['from']} -> {item['to']}  pause server "
-                f"{item['pause_ms_server']:6.1f} ms, client {item['pause_ms_client']:6.1f} ms, "
-                f"retransmits {item['retransmits_client']}, queued in/out "
-                f"{item['queued_in']}/{item['queued_out']} B")
+            lo, hi = marks["R stopped"], marks["R resumed"]
+            trace["pause_ms"] = round(max((ms for t, ms in stats_ref.samples
+                                           if t <= hi and t + ms / 1e3 >= lo), default=0.0), 3)
+            say(f"migration {i + 1:3d}: {trace['source']} -> {trace['target']} "
+                f"{trace['total_ms']:7.1f} ms, downtime U {trace['downtime_ms']['U']:6.1f} ms "
+                f"R {trace['downtime_ms']['R']:6.1f} ms, pause seen {trace['pause_ms']:6.1f} ms, "
+                f"{len(trace['rounds'])} rounds, "
+                f"sync points {'in order' if trace['trace_ok'] else 'OUT OF ORDER'}")
+            if typing.done():
+                break
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    server_last = await _server_retransmits(spec)
-    for c in clients:
-        c.close()
-    # retransmits of the restored sockets are read before the next move; shift by one
-    for a, b in itertools.pairwise(per_move):
-        a["retransmits_server"] = b["retransmits_server"]
-    if per_move:
-        per_move[-1]["retransmits_server"] = server_last
-    stats = [c.stats for c in clients]
-    pauses = [m["pause_ms_client"] for m in per_move] or [0.0]
+        stats = await typing
+    server_retrans.append(await _server_retransmits(spec))
+    typist.close()
+    journal = (await ops.journal(spec, GUEST))["journal"][before:]
+    diff = compare(bytes(stats.sent), journal)
+    # restored sockets start counting at zero: what each one counted before the next move
+    retrans_server = sum(server_retrans[1:])
     return {
-        "moves": len(per_move),
-        "sessions": len(clients),
-        "bytes_sent": sum(s.sent for s in stats),
-        "bytes_received": sum(s.received for s in stats),
-        "lost": sum(max(0, s.sent - s.received) for s in stats),
-        "corrupted": sum(s.corrupted for s in stats),
-        "reconnects": sum(1 for s in stats if s.errors),
-        "errors": [e for s in stats for e in s.errors],
-        "pause_ms_median": statistics.median(pauses),
-        "pause_ms_max": max(pauses),
-        "pause_ms_server_median": statistics.median(m["pause_ms_server"] for m in per_move)
-        if per_move else 0.0,
-        "retransmits_client": sum(m["retransmits_client"] for m in per_move),
-        "retransmits_server": sum(m["retransmits_server"] for m in per_move),
-        "per_move": per_move,
+        "migrations": len(traces),
+        "sent": len(stats.sent),
+        "received": len(journal),
+        **diff,
+        "reconnects": 1 if stats.errors else 0,
+        "errors": stats.errors,
+        "echo_mismatches": stats.mismatches,
+        "retransmits_client": stats.retransmits,
+        "retransmits_server": retrans_server,
+        "pause_ms_max": round(stats.pause_ms_max, 3),
+        "pause_ms_median": round(statistics.median(stats.echo_latencies_ms), 3)
+        if stats.echo_latencies_ms else 0.0,
+        "downtime_ms": {"U": _stats([t["downtime_ms"]["U"] for t in traces]),
+                        "R": _stats([t["downtime_ms"]["R"] for t in traces])},
+        "migration_ms": _stats([t["total_ms"] for t in traces]),
+        "mem_bytes": traces[0]["mem_bytes"] if traces else None,
+        "trace_ok": bool(traces) and all(t["trace_ok"] for t in traces),
+        "traces": traces,
     }
 
 
 def ok(summary: dict[str, Any]) -> bool:
-    return (summary["corrupted"] == 0 and summary["reconnects"] == 0 and summary["lost"] == 0
-            and summary["bytes_received"] > 0)
+    return (summary["lost"] == summary["duplicated"] == summary["reordered"] == 0
+            and summary["reconnects"] == 0 and summary["sent"] > 0 and summary["trace_ok"])
 
 
 async def _demo(args: argparse.Namespace, say: Any) -> dict[str, Any]:
-    say(f"lab {args.lab}: switch, hosts a and b, client (198.18.0.0/24)")
+    say(f"lab {args.lab}: switch, hosts a and b with their agents, client (198.18.0.0/24)")
     spec = await ops.up(args.lab)
-    return await run_moves(spec, moves=args.moves, typists=args.sessions,
-                           interval=args.interval, say=say)
+    say(f"starting {GUEST} on host a: {args.mem_mb} MiB Domain U + its Domain R")
+    await ops.create_guest(spec, GUEST, spec.hosts[0].name, mem_mb=args.mem_mb,
+                           dirty_rate=args.dirty_rate)
+    return await run_migrations(spec, migrations=args.migrations, interval=args.interval,
+                                say=say)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,16 +149,21 @@ def run(args: argparse.Namespace) -> int:
         loop.close()
         for line in topology.down(args.lab):
             say(f"  removed {line}")
-    brief = {k: v for k, v in summary.items() if k != "per_move"}
+    brief = {k: v for k, v in summary.items() if k != "traces"}
     if args.json:
         print(json.dumps(brief))
     else:
-        print(f"\n{summary['moves']} moves, {summary['sessions']} sessions: sent "
-              f"{summary['bytes_sent']} B, echoed back {summary['bytes_received']} B, "
-              f"lost {summary['lost']}, corrupted {summary['corrupted']}, "
-              f"reconnects {summary['reconnects']}")
-        print(f"pause seen by the client: median {summary['pause_ms_median']:.1f} ms, "
-              f"max {summary['pause_ms_max']:.1f} ms; server-side pause median "
-              f"{summary['pause_ms_server_median']:.1f} ms; TCP retransmissions client "
-              f"{summary['retransmits_client']}, server {summary['retransmits_server']}")
+        print(f"\n{summary['migrations']} migrations; typed {summary['sent']} keys, the guest "
+              f"received {summary['received']}: lost {summary['lost']}, duplicated "
+              f"{summary['duplicated']}, reordered {summary['reordered']}, reconnects "
+              f"{summary['reconnects']}")
+        print(f"longest key-to-echo pause {summary['pause_ms_max']:.1f} ms (median "
+              f"{summary['pause_ms_median']:.1f}); downtime U median "
+              f"{summary['downtime_ms']['U']['median']:.1f} ms max "
+              f"{summary['downtime_ms']['U']['max']:.1f}, R median "
+              f"{summary['downtime_ms']['R']['median']:.1f} max "
+              f"{summary['downtime_ms']['R']['max']:.1f}; migration median "
+              f"{summary['migration_ms']['median']:.0f} ms; TCP retransmissions client "
+              f"{summary['retransmits_client']}, server {summary['retransmits_server']}; "
+              f"sync points {'in order' if summary['trace_ok'] else 'OUT OF ORDER'}")
     return 0 if ok(summary) else 1

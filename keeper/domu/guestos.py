@@ -303,7 +303,7 @@ class GuestOS:
     def run_command(self, line: bytes) -> bytes:
         """Run one shell line; return its output with "\\n" line ends."""
         argv = line.split()
-        if not argv:
+        if not argv or argv[0].startswith(b"#"):  # a comment: nothing to do
             return b""
         name, args = argv[0], argv[1:]
         handler = _COMMANDS.get(name)

@@ -1,0 +1,161 @@
+"""A console client that types like a person: one key every 50 ms (the paper's §5.1).
+
+It types comment lines ("# k00042 abcdefghij…" + Enter): the guest's shell echoes
+every key and prints nothing else but a new prompt, so the client knows, byte for
+byte, what the console must send back: each printable key, and for Enter "\\r\\n"
+plus the prompt. It checks the echo stream against that (every key exactly once, in
+order) and times each key from its write to the arrival of its echo: the pause a
+user sees. Sockets are made in the lab's client namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import socket
+import time
+from dataclasses import dataclass, field
+
+from keeper.lab import netns
+from keeper.net.tcpinfo import tcp_info
+
+LETTERS = b"abcdefghijklmnopqrstuvwxyz"
+
+
+def script(line: int, width: int = 24) -> bytes:
+    """The keys of comment line `line`: unique per line, so the journal can be checked."""
+    body = bytes(LETTERS[(line * 7 + i) % 26] for i in range(width))
+    return b"# k%05d " % line + body + b"\r"
+
+
+@dataclass
+class TypistStats:
+    sent: bytearray = field(default_factory=bytearray)
+    echo_latencies_ms: list[float] = field(default_factory=list)
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (sent at, ms)
+    mismatches: int = 0
+    reconnects: int = 0
+    errors: list[str] = field(default_factory=list)
+    retransmits: int = 0
+
+    @property
+    def pause_ms_max(self) -> float:
+        return max(self.echo_latencies_ms, default=0.0)
+
+
+class Typist:
+    def __init__(self, ns: str, addr: tuple[str, int], prompt: bytes,
+                 period: float = 0.05) -> None:
+        self.ns, self.addr, self.prompt, self.period = ns, addr, prompt, period
+        self.stats = TypistStats()
+        self.sock: socket.socket | None = None
+        self._expect = bytearray()  # what the console must still send back
+        self._times: list[tuple[int, float]] = []  # (end offset in expected stream, sent at)
+        self._expected_total = 0
+        self._got_total = 0
+        self._retrans_base = 0
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        with netns.entered(self.ns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, self.addr), timeout)
+        self.sock = sock
+        self._retrans_base = tcp_info(sock).total_retrans
+
+    def retransmits(self) -> int:
+        if self.sock is None:
+            return self.stats.retransmits
+        return tcp_info(self.sock).total_retrans - self._retrans_base
+
+    async def _key(self, key: int) -> None:
+        assert self.sock is not None
+        await asyncio.get_running_loop().sock_sendall(self.sock, bytes([key]))
+        now = time.monotonic()
+        self.stats.sent.append(key)
+        echo = b"\r\n" + self.prompt if key == 0x0D else bytes([key])
+        self._expect += echo
+        self._expected_total += len(echo)
+        self._times.append((self._expected_total, now))
+
+    async def _read(self) -> None:
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 65536)
+            if not data:
+                raise ConnectionError("the console closed the connection")
+            now = time.monotonic()
+            want = bytes(self._expect[: len(data)])
+            if data != want:
+                self.stats.mismatches += 1
+                raise ConnectionError(f"unexpected console output {data[:60]!r}, "
+                                      f"wanted {want[:60]!r}")
+            del self._expect[: len(data)]
+            self._got_total += len(data)
+            while self._times and self._times[0][0] <= self._got_total:
+                _, t = self._times.pop(0)
+                ms = (now - t) * 1e3
+                self.stats.echo_latencies_ms.append(ms)
+                self.stats.samples.append((t, ms))
+
+    async def run(self, stop: asyncio.Event, settle: float = 10.0) -> TypistStats:
+        """Type until `stop`, finish the current line, then wait for every echo."""
+        reader = asyncio.create_task(self._read())
+        line = 0
+        try:
+            while not stop.is_set():  # whole lines: the last key typed is always Enter
+                for key in script(line):
+                    if reader.done():
+                        reader.result()
+                    await self._key(key)
+                    await asyncio.sleep(self.period)
+                line += 1
+            deadline = time.monotonic() + settle
+            while self._expect and time.monotonic() < deadline and not reader.done():
+                await asyncio.sleep(0.02)
+            if reader.done():
+                reader.result()
+            if self._expect:
+                self.stats.errors.append(f"{len(self._expect)} bytes of echo never came")
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            reader.cancel()
+            try:
+                await reader
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            except (OSError, ConnectionError) as exc:
+                if not self.stats.errors:
+                    self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        return self.stats
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.stats.retransmits = self.retransmits()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+
+
+def compare(sent: bytes, journal: bytes) -> dict[str, int]:
+    """Keys lost, duplicated and reordered between what was typed and what the guest got."""
+    lost = duplicated = reordered = 0
+    ops = difflib.SequenceMatcher(None, sent, journal, autojunk=False).get_opcodes()
+    for tag, a1, a2, b1, b2 in ops:
+        if tag == "delete":
+            lost += a2 - a1
+        elif tag == "insert":
+            duplicated += b2 - b1
+        elif tag == "replace":
+            if sorted(sent[a1:a2]) == sorted(journal[b1:b2]):
+                reordered += a2 - a1
+            else:
+                lost += a2 - a1
+                duplicated += b2 - b1
+    return {"lost": lost, "duplicated": duplicated, "reordered": reordered}
