@@ -27,8 +27,9 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
         again = keeper("lab", "up", "--lab", name)  # idempotent: nothing doubled, no error
         assert again.returncode == 0, again.stderr
         made = sorted(ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-"))
-        assert made == sorted(f"{name}-{x}" for x in ("a", "b", "client", "sw"))
-        assert len(lab_processes(name)) == 2  # one agent per host, not four
+        assert made == sorted(f"{name}-{x}" for x in ("a", "b", "client", "sw", "r-guest1-a"))
+        # one agent per host, guest1's Domain U and Domain R: nothing started twice
+        assert len(lab_processes(name)) == 4
 
         created = keeper("domr", "create", "r1", "--host", "b", "--lab", name)
         assert created.returncode == 0, created.stderr
@@ -36,8 +37,12 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
         assert status["client_netns"] == f"{name}-client"
         assert {h["host"]: h["mgmt_ip"] for h in status["hosts"]} == {
             "a": "198.18.0.1", "b": "198.18.0.2"}
-        (dom,) = status["domains"]
-        assert (dom["name"], dom["host"], dom["ip"]) == ("r1", "b", "198.18.0.101")
+        doms = {d["name"]: d for d in status["domains"]}
+        assert (doms["guest1"]["host"], doms["guest1"]["ip"], doms["guest1"]["guest"]) == (
+            "a", "198.18.0.101", True)
+        assert doms["guest1"]["services"] == {"console": 2323}
+        assert (doms["r1"]["host"], doms["r1"]["ip"], doms["r1"]["guest"]) == (
+            "b", "198.18.0.102", False)
 
         moved = keeper("migrate", "r1", "--to", "a", "--lab", name, "--json")
         assert moved.returncode == 0, moved.stderr
@@ -46,7 +51,13 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
             "start", "prepared", "quiesced", "link_down", "dumped", "resumed",
             "source_released"]
         status = json.loads(keeper("lab", "status", "--lab", name, "--json").stdout)
-        assert [d["host"] for d in status["domains"]] == ["a"]
+        assert {d["name"]: d["host"] for d in status["domains"]} == {"guest1": "a", "r1": "a"}
+
+        journal = keeper("guest", "journal", "guest1", "--lab", name, "--json")
+        assert journal.returncode == 0 and json.loads(journal.stdout)["count"] == 0
+        moved = keeper("migrate", "guest1", "--to", "b", "--lab", name, "--json")
+        assert moved.returncode == 0, moved.stderr
+        assert json.loads(moved.stdout)["trace_ok"] is True
         assert f"{name}-r-r1-b" not in netns.netns.listnetns()
 
         bad = keeper("migrate", "r1", "--to", "nowhere", "--lab", name)

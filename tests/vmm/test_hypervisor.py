@@ -94,7 +94,7 @@ def test_event_channels_intercept_notify_and_come_back_with_the_same_ports(
     r2 = target.create_domain_r("g", managed=u2.domid)
     target.restore_evtchns(r2.domid, u2.domid, pairs)
     assert target.save_evtchns(r2.domid, u2.domid) == pairs
-    up, notify = target.evtchn_fds(u2.domid, u_port)
+    _, notify = target.evtchn_fds(u2.domid, u_port)
     os.eventfd_write(notify, 1)
     assert os.eventfd_read(target.evtchn_fds(r2.domid, r_port)[0]) == 1
 
