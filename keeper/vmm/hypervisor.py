@@ -179,7 +179,11 @@ class Hypervisor:
         and before the caller copies the pages), ORed with may-write when enabled."""
         u = self.domain(u_domid)
         view = u.dirty_view()
-        pfns = np.flatnonzero(view)
+        # The guest keeps writing while we look: take a snapshot, then clear only what
+        # we saw. A page re-marked between the two is cleared here but copied after
+        # the clear, so the copy holds that write; one marked later waits for the
+        # next round.
+        pfns = np.flatnonzero(view.copy())
         view[pfns] = 0
         if self.may_write_enabled:
             pfns = np.union1d(pfns, self.may_write(u_domid))
