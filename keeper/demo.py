@@ -28,14 +28,6 @@ from keeper.lab.typist import Typist, compare
 GUEST = "guest1"
 
 
-async def _server_retransmits(spec: LabSpec) -> int:
-    total = 0
-    for h in (await ops.status(spec))["hosts"]:
-        for d in h["domrs"]:
-            total += sum(s.get("retransmits", 0) for s in d.get("domr", {}).get("sessions", []))
-    return total
-
-
 def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {"median": 0.0, "max": 0.0}
@@ -63,7 +55,7 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float,
         where = dom["host"]
         for i in range(migrations):
             target = next(h for h in hosts if h != where)
-            server_retrans.append(await _server_retransmits(spec))
+            server_retrans.append(await ops.server_retransmits(spec))
             trace = await ops.migrate(spec, GUEST, target)
             where = target
             traces.append(trace)
@@ -84,7 +76,7 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float,
     finally:
         stop.set()
         stats = await typing
-    server_retrans.append(await _server_retransmits(spec))
+    server_retrans.append(await ops.server_retransmits(spec))
     typist.close()
     journal = (await ops.journal(spec, GUEST))["journal"][before:]
     diff = compare(bytes(stats.sent), journal)

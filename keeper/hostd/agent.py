@@ -176,13 +176,7 @@ class HostAgent:
             return
         await entry.control.close()
         if entry.proc is not None:
-            proc = entry.proc
-            try:
-                await asyncio.to_thread(proc.wait, 5)
-            except subprocess.TimeoutExpired:
-                await asyncio.to_thread(procs.stop, proc.pid)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    await asyncio.to_thread(proc.wait, 5)
+            await procs.reap(entry.proc)
         procs.forget(self.spec.rundir, self.label(name))
         if entry.hc is not None:
             entry.hc.close()

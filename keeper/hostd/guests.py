@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from keeper.errors import KeeperError, LabError
@@ -69,7 +70,7 @@ class Guests:
         if name in self.entries:
             raise LabError(f"guest {name} already exists on host {self.agent.host.name}")
         u = self.hv.create_domain_u(name, mem_bytes)
-        hc = HypercallServer(self.hv, u.domid, _path(self._hc_path(name, "u")))
+        hc = HypercallServer(self.hv, u.domid, Path(self._hc_path(name, "u")))
         entry = GuestEntry(name, u, hc, event_delay_ms, dirty_rate, state=state)
         self.entries[name] = entry
         return entry
@@ -149,11 +150,7 @@ class Guests:
             with contextlib.suppress(OSError):
                 entry.ctl.send(b"Q")
         if entry.proc is not None:
-            proc = entry.proc
-            try:
-                await asyncio.to_thread(proc.wait, 5)
-            except subprocess.TimeoutExpired:
-                await asyncio.to_thread(procs.stop, proc.pid)
+            await procs.reap(entry.proc)
         if entry.ctl is not None:
             entry.ctl.close()
         procs.forget(self.agent.spec.rundir, self.label(name))
@@ -170,8 +167,3 @@ class Guests:
         return {"name": name, "host": self.agent.host.name, "journal": gos.journal(),
                 "count": gos.journal_count(), "info": gos.info()}
 
-
-def _path(p: str):  # type: ignore[no-untyped-def]
-    from pathlib import Path
-
-    return Path(p)

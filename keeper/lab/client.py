@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from keeper.aio import cancel_and_wait
 from keeper.lab import netns
 from keeper.net.tcpinfo import tcp_info
 
@@ -126,14 +127,8 @@ class EchoClient:
         except (OSError, ConnectionError, TimeoutError) as exc:
             self.stats.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # we are being cancelled ourselves: never swallow that
-            except (OSError, ConnectionError, TimeoutError) as exc:
+            exc = await cancel_and_wait(reader)
+            if exc is not None:
                 self.stats.errors.append(f"{type(exc).__name__}: {exc}")
 
     async def run_typing(self, stop: asyncio.Event, *, chunk: int = 8, period: float = 0.05,

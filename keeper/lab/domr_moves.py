@@ -19,14 +19,6 @@ from keeper.lab.topology import LabSpec
 DOM = "r1"
 
 
-async def _server_retransmits(spec: LabSpec) -> int:
-    total = 0
-    for h in (await ops.status(spec))["hosts"]:
-        for d in h["domrs"]:
-            total += sum(s.get("retransmits", 0) for s in d.get("domr", {}).get("sessions", []))
-    return total
-
-
 async def run_moves(spec: LabSpec, *, moves: int, typists: int = 3, bulk: bool = True,
                     interval: float = 1.0, period: float = 0.05,
                     say: Any = print) -> dict[str, Any]:
@@ -52,7 +44,7 @@ async def run_moves(spec: LabSpec, *, moves: int, typists: int = 3, bulk: bool =
         for i in range(moves):
             target = second if i % 2 == 0 else first
             retrans_before = sum(c.retransmits() for c in clients)
-            server_before = await _server_retransmits(spec)
+            server_before = await ops.server_retransmits(spec)
             trace = await ops.migrate(spec, DOM, target)
             await asyncio.sleep(interval)
             # The pause a user saw: the longest wait of any write whose round trip
@@ -85,7 +77,7 @@ async def run_moves(spec: LabSpec, *, moves: int, typists: int = 3, bulk: bool =
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-    server_last = await _server_retransmits(spec)
+    server_last = await ops.server_retransmits(spec)
     for c in clients:
         c.close()
     # retransmits of the restored sockets are read before the next move; shift by one

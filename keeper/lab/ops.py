@@ -85,6 +85,15 @@ async def status(spec: LabSpec) -> dict[str, Any]:
     }
 
 
+async def server_retransmits(spec: LabSpec) -> int:
+    """TCP retransmissions counted by every Domain R session socket in the lab now."""
+    total = 0
+    for h in (await status(spec))["hosts"]:
+        for d in h["domrs"]:
+            total += sum(s.get("retransmits", 0) for s in d.get("domr", {}).get("sessions", []))
+    return total
+
+
 async def where(spec: LabSpec, dom: str) -> str:
     for d in (await status(spec))["domains"]:
         if d["name"] == dom and d["state"] != "incoming":

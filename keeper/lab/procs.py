@@ -82,6 +82,18 @@ def stop(pid: int, timeout: float = 3.0) -> None:
         os.waitpid(pid, 0)
 
 
+async def reap(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Wait (off the event loop) for a child we asked to exit; stop it if it won't."""
+    import asyncio
+
+    try:
+        await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        await asyncio.to_thread(stop, proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(proc.wait, timeout)
+
+
 def stop_all(rundir: Path) -> list[str]:
     stopped = []
     piddir = rundir / "pids"

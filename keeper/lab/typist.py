@@ -17,6 +17,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from keeper.aio import cancel_and_wait
 from keeper.lab import netns
 from keeper.net.tcpinfo import tcp_info
 
@@ -123,16 +124,9 @@ class Typist:
         except (OSError, ConnectionError, TimeoutError) as exc:
             self.stats.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-            except (OSError, ConnectionError) as exc:
-                if not self.stats.errors:
-                    self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+            exc = await cancel_and_wait(reader)
+            if exc is not None and not self.stats.errors:
+                self.stats.errors.append(f"{type(exc).__name__}: {exc}")
         return self.stats
 
     def close(self) -> None:
