@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from keeper.console.raw import RawSession
 from keeper.errors import KeeperError
 from keeper.vmm.hypercall import HypercallClient
+from keeper.vmm.xenstore import XenbusState
 from keeper.xen import console as ring
 
 PAGE = 4096
@@ -88,8 +89,15 @@ class ConsoleBackend:
         self._page = ring.RawPage(self._map)
         r_port, _ = self.hc.call("bind_interdomain", remote_domid=u, remote_port=u_port)
         self._open_channel(int(r_port))
+        self._publish_state(u, XenbusState.CONNECTED)
         self.state = ConsoleBackendState(u_port=u_port, r_port=int(r_port), ring_pfn=pfn,
                                          mapped=[(pfn, True)])
+
+    def _publish_state(self, u: int, state: XenbusState) -> None:
+        """The backend's side of the XenBus handshake, under our own domain's tree."""
+        who, _ = self.hc.call("whoami")
+        self.hc.call("xs_write", path=f"/local/domain/{who['domid']}/backend/console/{u}/0/state",
+                     value=str(int(state)))
 
     def reconnect(self, state: ConsoleBackendState) -> None:
         """After a move (S7): re-map exactly the pages we had, take our re-made port."""
@@ -100,6 +108,7 @@ class ConsoleBackend:
         self._page = ring.RawPage(self._map)
         self._open_channel(state.r_port)
         self.state = state
+        self._publish_state(u, XenbusState.CONNECTED)
 
     # -- data path --------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from keeper.domu.guestos import GuestOS
 from keeper.domu.memory import GuestMemory
 from keeper.errors import KeeperError
 from keeper.vmm.hypercall import HypercallClient
+from keeper.vmm.xenstore import XenbusState
 
 log = logging.getLogger("keeper.domu")
 CLONE_NEWNET = 0x40000000
@@ -79,6 +80,7 @@ class Guest:
         base = f"/local/domain/{me['domid']}/console"
         self.hc.call("xs_write", path=f"{base}/ring-ref", value=str(self.os.console_pfn))
         self.hc.call("xs_write", path=f"{base}/port", value=str(port))
+        self.hc.call("xs_write", path=f"{base}/state", value=str(int(XenbusState.INITIALISED)))
         return int(port)
 
     def _service(self) -> None:

@@ -59,6 +59,15 @@ async def test_console_session_survives_migrations_back_and_forth(lab: LabSpec) 
     info = (await ops.journal(lab, GUEST))["info"]
     assert info["ring_init_count"] == 1  # the frontend never re-initialised its ring
     assert info["boot_count"] == 1  # nor did the guest boot again
+    # the agents count what happened, for Prometheus
+    http = ops.agent(lab, "b")
+    try:
+        body, _ = await http.request("GET", "/metrics")
+    finally:
+        await http.close()
+    text = body.decode()
+    assert 'keeper_hostd_migrations_total{result="ok"} 2.0' in text
+    assert 'keeper_hostd_domains{kind="U"} 0.0' in text  # guest1 is back on a
 
 
 async def test_domain_r_cannot_map_another_guests_memory(lab: LabSpec) -> None:
