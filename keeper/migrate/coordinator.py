@@ -52,6 +52,7 @@ log = logging.getLogger("keeper.coordinator")
 
 SYNC_POINTS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
 BARRIER_TIMEOUT = 60.0
+ROUND_PAUSE = 0.02  # between converged rounds while the other manager is not ready yet
 
 
 @dataclass
@@ -142,16 +143,24 @@ class CoMigration:
         s.set("U created")
         # pre-copy: round 1 sends every page, later rounds what was dirtied meanwhile
         hv.mark_all_dirty(g.u.domid)
-        sent_pages = 0
-        for rnd in range(1, self.policy.max_rounds + 1):
+        sent_pages, rnd = 0, 0
+        while True:
+            rnd += 1
             pfns = hv.collect_dirty(g.u.domid)
             await self._send_pages(pfns, rnd)
             sent_pages += len(pfns)
             pending = int(np.count_nonzero(g.u.dirty_view()))
             self._say("pre-copy", round=rnd, pages=len(pfns), dirty_now=pending)
-            if (pending <= self.policy.min_dirty_pages
-                    or sent_pages >= self.policy.max_sent_factor * g.u.pages):
-                break
+            converged = pending <= self.policy.min_dirty_pages
+            if not converged and (rnd >= self.policy.max_rounds or sent_pages >= (
+                    self.policy.max_sent_factor * g.u.pages)):
+                break  # not converging: stop here and wait for MM_R
+            if converged:
+                s.set("U ready for final")
+                if s.event("R ready for final").is_set():
+                    break
+                # S2: keep iterating until both are ready, so the final copy stays small
+                await asyncio.sleep(ROUND_PAUSE)
         s.set("U ready for final")
         await s.wait("R ready for final", "MM_R to be ready for the final stage (S2)")
         s.mark("S2")
