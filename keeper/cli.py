@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from keeper.errors import KeeperError
@@ -39,7 +40,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     _need_root()
     if args.action == "up":
         async def up() -> tuple[topology.LabSpec, dict[str, Any] | None]:
-            spec = await ops.up(args.lab, tuple(args.hosts.split(",")))
+            spec = await ops.up(args.lab, tuple(args.hosts.split(",")),
+                                ssh_authorized_keys=args.ssh_authorized_keys)
             guest = None
             if not args.empty:
                 names = [d["name"] for d in (await ops.status(spec))["domains"]]
@@ -56,8 +58,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(f"  client: netns {spec.client_ns}, {spec.client_ip}")
         if guest is not None:
             print(f"  guest1 on host {guest['host']}: its console through Domain R at "
-                  f"{guest['ip']}:2323")
+                  f"{guest['ip']}:2323 (raw) and :22 (ssh)")
             print(f"    ip netns exec {spec.client_ns} telnet {guest['ip']} 2323")
+            key = spec.ssh_dir / "id_ed25519"
+            print(f"    ip netns exec {spec.client_ns} ssh -i {key} admin@{guest['ip']}")
         return 0
     if args.action == "down":
         for line in topology.down(args.lab):
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", default="keeper", help="lab name (prefix of its namespaces)")
     p.add_argument("--hosts", default="a,b", help="host names for `up` (default a,b)")
     p.add_argument("--empty", action="store_true", help="`up` without the guest pair guest1")
+    p.add_argument("--ssh-authorized-keys", type=Path, default=None,
+                   help="keys allowed to ssh into guest consoles (default: a key pair "
+                   "made for the lab, see `lab status --json`)")
     p.add_argument("--mem-mb", type=int, default=256, help="guest1's memory (MiB)")
     p.add_argument("--dirty-rate", type=float, default=0.0,
                    help="guest1's background workload: pages dirtied per second")

@@ -8,6 +8,7 @@ from keeper import serial
 from keeper.console.raw import RawSession
 from keeper.domr.console import ConsoleBackendState
 from keeper.net.tcprepair import TcpRepairRecord
+from keeper.ssh.host import SshConfig
 
 KIND = "domr-checkpoint"
 
@@ -30,6 +31,8 @@ class DomrCheckpoint:
     left_behind: list[str] = field(default_factory=list)
     # the guest console backend (None: the stand-alone echo service)
     device: ConsoleBackendState | None = None
+    # the SSH service's configuration, host key included (None: no SSH)
+    ssh: SshConfig | None = None
 
 
 def encode(ckpt: DomrCheckpoint) -> bytes:

@@ -22,6 +22,7 @@ import ctypes
 import logging
 import os
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from keeper.arp.garp import parse_schedule
 from keeper.domr.console import ConsoleBackend
 from keeper.domr.server import DomainR
 from keeper.lab import netns
+from keeper.ssh.host import SshConfig
 from keeper.vmm.hypercall import HypercallClient
 
 log = logging.getLogger("keeper.domr")
@@ -113,9 +115,14 @@ async def serve(args: argparse.Namespace) -> int:
         device = ConsoleBackend(HypercallClient(args.hypercall))
         if not args.restore:
             device.connect()  # first start: find the guest's console and bind it
+    ssh = None
+    if args.ssh_host_key and not args.restore:  # after a move, it comes with the checkpoint
+        ssh = SshConfig(host_key=Path(args.ssh_host_key).read_text(),
+                        authorized_keys=Path(args.ssh_authorized_keys).read_text())
     domr = DomainR(args.name, args.ip, args.mac, console_port=args.console_port,
                    announce=not args.no_announce,
-                   announce_schedule=parse_schedule(args.announce_schedule), device=device)
+                   announce_schedule=parse_schedule(args.announce_schedule), device=device,
+                   ssh=ssh)
     if args.restore:
         _die_with_parent(True)
         if os.getppid() != args.parent:
@@ -158,6 +165,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--console-port", type=int, default=2323)
     p.add_argument("--hypercall", help="hypercall socket: serve the guest's console "
                    "(without it: a stand-alone echo service)")
+    p.add_argument("--ssh-host-key", help="serve the console over SSH with this host key")
+    p.add_argument("--ssh-authorized-keys", help="public keys allowed to log in over SSH")
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
     p.add_argument("--parent", type=int, default=0, help="the agent's PID (with --restore)")
     p.add_argument("--announce-schedule", default="0,20,100,300",

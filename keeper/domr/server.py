@@ -32,6 +32,7 @@ from keeper.domr.console import ConsoleBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.tcpinfo import tcp_info
+from keeper.ssh.host import SshConfig, SshHost
 
 log = logging.getLogger("keeper.domr")
 
@@ -165,7 +166,7 @@ class DomainR:
         self, name: str, ip: str, mac: str, *, iface: str = "eth0",
         console_port: int = CONSOLE_PORT, announce: bool = True,
         announce_schedule: tuple[int, ...] = DEFAULT_SCHEDULE_MS,
-        device: Device | None = None,
+        device: Device | None = None, ssh: SshConfig | None = None,
     ) -> None:
         self.name, self.ip, self.mac, self.iface = name, ip, mac, iface
         self.console_port = console_port
@@ -186,6 +187,15 @@ class DomainR:
         self._announcer = None
         self._announce_tasks: set[asyncio.Task[None]] = set()
         self.stopped = asyncio.Event()
+        self.ssh: SshHost | None = None
+        if ssh is not None:
+            self._set_ssh(ssh)
+
+    def _set_ssh(self, cfg: SshConfig) -> None:
+        self.ssh = SshHost(cfg, self.ip, on_input=self._console_input)
+
+    def _console_input(self, console: RawSession) -> None:
+        self.device.on_input(console)
 
     # -- serving --------------------------------------------------------------
 
@@ -205,11 +215,15 @@ class DomainR:
             ls.listen(512)
             ls.setblocking(False)
             self.listener = ls
+        if self.ssh is not None:
+            self.ssh.bind()
 
     def start(self) -> None:
         self.bind()
         assert self.listener is not None
         self.loop.add_reader(self.listener.fileno(), self._accept_ready)
+        if self.ssh is not None:
+            self.ssh.start(self.loop)
         self.phase = Phase.SERVING
         self.device.start(self.loop)
 
@@ -218,12 +232,16 @@ class DomainR:
         for conn in list(self.conns.values()):
             conn.state.queue_output(data)
             conn._flush()
+        if self.ssh is not None:
+            self.ssh.broadcast(data)
 
     def _retry_inputs(self) -> None:
         for conn in list(self.conns.values()):
             if conn.state.pending_in:
                 self.device.on_input(conn.state)
                 conn._flush()
+        if self.ssh is not None:
+            self.ssh.retry_inputs()
 
     def _accept_ready(self) -> None:
         assert self.listener is not None
@@ -267,6 +285,8 @@ class DomainR:
         self._require(Phase.SERVING, Phase.QUIESCED)
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
+        if self.ssh is not None:
+            self.ssh.stop_accepting(self.loop)
         self.device.stop()  # from here on the shared ring is not touched (S3)
         for conn in self.conns.values():
             conn.stop()
@@ -295,7 +315,7 @@ class DomainR:
             ck.DomrCheckpoint(
                 name=self.name, ip=self.ip, mac=self.mac, next_session_id=self.next_id,
                 sessions=sessions, left_behind=list(self.left_behind),
-                device=self.device.state,
+                device=self.device.state, ssh=self.ssh.cfg if self.ssh is not None else None,
             )
         )
         self.last_move = MoveStats(
@@ -351,6 +371,9 @@ class DomainR:
         if doc.device is not None:
             assert isinstance(self.device, ConsoleBackend)
             self.device.reconnect(doc.device)  # S7: the same pages, the same port
+        if doc.ssh is not None and self.ssh is None:
+            self._set_ssh(doc.ssh)  # the same host key: the client sees no change
+            self.ssh.bind()  # type: ignore[union-attr]
         restored: list[Conn] = []
         try:
             for item in doc.sessions:
@@ -409,6 +432,7 @@ class DomainR:
             "name": self.name, "ip": self.ip, "mac": self.mac, "phase": self.phase.value,
             "console_port": self.console_port, "sessions": sessions,
             "closed_sessions": self.closed_sessions, "left_behind": self.left_behind,
+            "ssh_sessions": self.ssh.status() if self.ssh is not None else [],
             "last_move": {
                 "sessions": self.last_move.sessions, "bytes": self.last_move.bytes,
                 "dump_ms": self.last_move.dump_ms, "restore_ms": self.last_move.restore_ms,
@@ -438,6 +462,8 @@ class DomainR:
             await asyncio.wait(self._announce_tasks, timeout=1)
         if self._announcer is not None:
             self._announcer.close()
+        if self.ssh is not None:
+            await self.ssh.close()
         self.device.close()
         self.phase = Phase.CLOSED
         self.stopped.set()

@@ -38,7 +38,7 @@ from keeper.errors import KeeperError, LabError
 from keeper.hostd import metrics, tls
 from keeper.hostd.client import Http
 from keeper.hostd.guests import Guests
-from keeper.lab import placement, procs
+from keeper.lab import placement, procs, sshkeys
 from keeper.lab.topology import AGENT_PORT, HostSpec, LabSpec
 from keeper.migrate import mm_r, pagestream
 from keeper.migrate.coordinator import CoMigration
@@ -142,6 +142,9 @@ class HostAgent:
         argv += ["--announce-schedule", announce_schedule]
         if hc is not None:
             argv += ["--hypercall", str(hc.path)]
+            if not restore:  # a guest's Domain R serves its console over SSH too
+                argv += ["--ssh-host-key", str(sshkeys.host_key(self.spec, name)),
+                         "--ssh-authorized-keys", str(self.spec.ssh_dir / "authorized_keys")]
         path.unlink(missing_ok=True)
         proc = procs.spawn(self.spec.rundir, self.label(name), argv)
         entry = DomrEntry(name, ip, mac, ns, Http(unix=str(path), timeout=10), proc,
@@ -200,7 +203,8 @@ class HostAgent:
                 "state": entry.state, "pid": entry.proc.pid if entry.proc else None,
                 "link_up": await asyncio.to_thread(
                     placement.link_is_up, self.spec, self.host.name, entry.name),
-                "services": {"console": 2323},
+                "services": {"console": 2323, "ssh": 22} if entry.r_domid is not None
+                else {"console": 2323},
             }
             if entry.state != "moving":
                 try:

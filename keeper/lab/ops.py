@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from keeper.errors import KeeperError, LabError, MigrationError
 from keeper.hostd import tls
 from keeper.hostd.client import Http
-from keeper.lab import procs, topology
+from keeper.lab import procs, sshkeys, topology
 from keeper.lab.topology import LabSpec
+from keeper.ssh.console import LOGIN
 
 READY_TIMEOUT = 20.0
 
@@ -28,7 +30,8 @@ async def call(spec: LabSpec, host: str, method: str, path: str, **kw: Any) -> A
         await http.close()
 
 
-async def up(name: str = "keeper", hosts: tuple[str, ...] = ("a", "b")) -> LabSpec:
+async def up(name: str = "keeper", hosts: tuple[str, ...] = ("a", "b"),
+             ssh_authorized_keys: Path | None = None) -> LabSpec:
     """Build the network and start one agent per host. Idempotent."""
     try:
         spec = topology.load(name)
@@ -37,6 +40,7 @@ async def up(name: str = "keeper", hosts: tuple[str, ...] = ("a", "b")) -> LabSp
     await asyncio.to_thread(topology.build_network, spec)
     # the agents' peer channel: mutual TLS with a CA made for this lab
     tls.make_lab_pki(spec.pki, {h.name: h.mgmt_ip for h in spec.hosts})
+    sshkeys.ensure_login_key(spec, ssh_authorized_keys)
     for h in spec.hosts:
         sock = spec.agent_socket(h.name)
         pidf = procs.pidfile(spec.rundir, f"hostd-{h.name}")
@@ -71,8 +75,10 @@ async def status(spec: LabSpec) -> dict[str, Any]:
         except KeeperError as exc:
             hosts.append({"host": h.name, "mgmt_ip": h.mgmt_ip, "netns": h.ns,
                           "error": str(exc), "domrs": []})
+    key = sshkeys.login_key(spec)
     return {
         "lab": spec.name, "client_netns": spec.client_ns, "client_ip": spec.client_ip,
+        "ssh": {"login": LOGIN, "key": str(key) if key else None},
         "switch_netns": spec.switch_ns, "hosts": hosts,
         "domains": [
             {"name": d["name"], "host": h["host"], "ip": d["ip"], "mac": d["mac"],

@@ -63,6 +63,10 @@ class LabSpec:
     def pki(self) -> Path:
         return self.rundir / "pki"
 
+    @property
+    def ssh_dir(self) -> Path:
+        return self.rundir / "ssh"
+
     def agent_socket(self, host: str) -> Path:
         return self.rundir / f"hostd-{host}.sock"
 
