@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,12 +36,15 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
         assert created.returncode == 0, created.stderr
         status = json.loads(keeper("lab", "status", "--lab", name, "--json").stdout)
         assert status["client_netns"] == f"{name}-client"
+        assert status["ssh"]["login"] == "admin"
+        key = Path(status["ssh"]["key"])
+        assert key.exists() and key.stat().st_mode & 0o077 == 0  # the login key is root's
         assert {h["host"]: h["mgmt_ip"] for h in status["hosts"]} == {
             "a": "198.18.0.1", "b": "198.18.0.2"}
         doms = {d["name"]: d for d in status["domains"]}
         assert (doms["guest1"]["host"], doms["guest1"]["ip"], doms["guest1"]["guest"]) == (
             "a", "198.18.0.101", True)
-        assert doms["guest1"]["services"] == {"console": 2323}
+        assert doms["guest1"]["services"] == {"console": 2323, "ssh": 22}
         assert (doms["r1"]["host"], doms["r1"]["ip"], doms["r1"]["guest"]) == (
             "b", "198.18.0.102", False)
 
