@@ -43,8 +43,8 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float,
     say(f"{GUEST} on host {dom['host']}: console through Domain R at {dom['ip']}:2323")
     say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {dom['ip']} 2323")
     before = (await ops.journal(spec, GUEST))["count"]
-    typist = Typist(spec.client_ns, (dom["ip"], 2323), prompt=f"{GUEST}:~$ ".encode())
-    await typist.connect()
+    typist = await Typist.over_tcp(spec.client_ns, (dom["ip"], 2323),
+                                   prompt=f"{GUEST}:~$ ".encode())
     stop = asyncio.Event()
     typing = asyncio.create_task(typist.run(stop))
     stats_ref = typist.stats

@@ -11,11 +11,11 @@ user sees. Sockets are made in the lab's client namespace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import difflib
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from keeper.aio import cancel_and_wait
 from keeper.lab import netns
@@ -45,35 +45,68 @@ class TypistStats:
         return max(self.echo_latencies_ms, default=0.0)
 
 
+class Link(Protocol):
+    """Where the typist's keys go and the console's output comes from."""
+
+    async def send(self, data: bytes) -> None: ...
+    async def recv(self) -> bytes: ...
+    def retransmits(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class SocketLink:
+    """A raw TCP connection to Domain R's console port, made in the client namespace."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._base = tcp_info(sock).total_retrans
+        self._final = 0
+
+    @classmethod
+    async def connect(cls, ns: str, addr: tuple[str, int], timeout: float = 10.0) -> SocketLink:
+        with netns.entered(ns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, addr), timeout)
+        return cls(sock)
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def recv(self) -> bytes:
+        return await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+
+    def retransmits(self) -> int:
+        if self.sock.fileno() < 0:
+            return self._final
+        return tcp_info(self.sock).total_retrans - self._base
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._final = self.retransmits()
+            self.sock.close()
+
+
 class Typist:
-    def __init__(self, ns: str, addr: tuple[str, int], prompt: bytes,
-                 period: float = 0.05) -> None:
-        self.ns, self.addr, self.prompt, self.period = ns, addr, prompt, period
+    def __init__(self, link: Link, prompt: bytes, period: float = 0.05) -> None:
+        self.link, self.prompt, self.period = link, prompt, period
         self.stats = TypistStats()
-        self.sock: socket.socket | None = None
         self._expect = bytearray()  # what the console must still send back
         self._times: list[tuple[int, float]] = []  # (end offset in expected stream, sent at)
         self._expected_total = 0
         self._got_total = 0
-        self._retrans_base = 0
 
-    async def connect(self, timeout: float = 10.0) -> None:
-        with netns.entered(self.ns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, self.addr), timeout)
-        self.sock = sock
-        self._retrans_base = tcp_info(sock).total_retrans
+    @classmethod
+    async def over_tcp(cls, ns: str, addr: tuple[str, int], prompt: bytes,
+                       period: float = 0.05) -> Typist:
+        return cls(await SocketLink.connect(ns, addr), prompt, period)
 
     def retransmits(self) -> int:
-        if self.sock is None:
-            return self.stats.retransmits
-        return tcp_info(self.sock).total_retrans - self._retrans_base
+        return self.link.retransmits()
 
     async def _key(self, key: int) -> None:
-        assert self.sock is not None
-        await asyncio.get_running_loop().sock_sendall(self.sock, bytes([key]))
+        await self.link.send(bytes([key]))
         now = time.monotonic()
         self.stats.sent.append(key)
         echo = b"\r\n" + self.prompt if key == 0x0D else bytes([key])
@@ -82,10 +115,8 @@ class Typist:
         self._times.append((self._expected_total, now))
 
     async def _read(self) -> None:
-        assert self.sock is not None
-        loop = asyncio.get_running_loop()
         while True:
-            data = await loop.sock_recv(self.sock, 65536)
+            data = await self.link.recv()
             if not data:
                 raise ConnectionError("the console closed the connection")
             now = time.monotonic()
@@ -130,11 +161,8 @@ class Typist:
         return self.stats
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.stats.retransmits = self.retransmits()
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
+        self.stats.retransmits = self.link.retransmits()
+        self.link.close()
 
 
 def compare(sent: bytes, journal: bytes) -> dict[str, int]:

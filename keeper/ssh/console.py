@@ -10,8 +10,8 @@ operator who needs it most.
 The application side is explicit callbacks (`ConsoleSession`), with its state in a
 plain dataclass (`ConsoleSessionState`), because a coroutine-based process handler
 cannot be moved to another process. Supported on a session channel: pty-req, shell,
-window-change, env, signals (INT and break become Ctrl-C on the console), eof (ends
-the session with exit status 0). Not supported: exec, subsystems (sftp), forwarding
+window-change, env, signals (INT and break become Ctrl-C on the console), eof and
+Ctrl-] (end the session with exit status 0). Not supported: exec, subsystems (sftp), forwarding
 of ports, agents or X11.
 """
 
@@ -27,6 +27,9 @@ from keeper.console.raw import RawSession
 
 LOGIN = "admin"
 CTRL_C = b"\x03"
+# Ctrl-]: ends this SSH session with exit status 0 (as virsh console does); the
+# guest never sees it. `exit` cannot do this: the guest's shell does not know SSH.
+DETACH = b"\x1d"
 
 
 @dataclass(slots=True)
@@ -83,8 +86,12 @@ class ConsoleSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.console.attach(self)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.state.console.receive(data)
-        self.console.input(self.state.console)
+        data, detach, _ = data.partition(DETACH)
+        if data:
+            self.state.console.receive(data)
+            self.console.input(self.state.console)
+        if detach and self.chan is not None:
+            self.chan.exit(0)  # the guest's console stays; this terminal goes
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:

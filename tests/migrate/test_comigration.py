@@ -23,8 +23,7 @@ PROMPT = b"guest1:~$ "
 async def start(lab: LabSpec, **kw: Any) -> tuple[Typist, asyncio.Event, asyncio.Task[Any], int]:
     doc = await ops.create_guest(lab, GUEST, "a", **kw)
     before = (await ops.journal(lab, GUEST))["count"]
-    typist = Typist(lab.client_ns, (doc["ip"], 2323), PROMPT, period=0.02)
-    await typist.connect()
+    typist = await Typist.over_tcp(lab.client_ns, (doc["ip"], 2323), PROMPT, period=0.02)
     stop = asyncio.Event()
     return typist, stop, asyncio.create_task(typist.run(stop)), before
 
