@@ -8,7 +8,7 @@ from keeper import serial
 from keeper.console.raw import RawSession
 from keeper.domr.console import ConsoleBackendState
 from keeper.net.tcprepair import TcpRepairRecord
-from keeper.ssh.host import SshConfig
+from keeper.ssh.host import SshCheckpoint, SshConfig
 
 KIND = "domr-checkpoint"
 
@@ -33,6 +33,7 @@ class DomrCheckpoint:
     device: ConsoleBackendState | None = None
     # the SSH service's configuration, host key included (None: no SSH)
     ssh: SshConfig | None = None
+    ssh_sessions: list[SshCheckpoint] = field(default_factory=list)
 
 
 def encode(ckpt: DomrCheckpoint) -> bytes:

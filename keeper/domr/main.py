@@ -51,7 +51,7 @@ def build_app(domr: DomainR) -> web.Application:
     @routes.post("/quiesce")
     @guarded
     async def quiesce(_: web.Request) -> web.StreamResponse:
-        domr.quiesce()
+        await domr.quiesce()
         return web.json_response({"phase": domr.phase.value})
 
     @routes.post("/checkpoint")

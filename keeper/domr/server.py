@@ -32,7 +32,7 @@ from keeper.domr.console import ConsoleBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.tcpinfo import tcp_info
-from keeper.ssh.host import SshConfig, SshHost
+from keeper.ssh.host import QUIESCE_TIMEOUT, SshConfig, SshHost
 
 log = logging.getLogger("keeper.domr")
 
@@ -280,9 +280,15 @@ class DomainR:
                 f"expected {' or '.join(p.value for p in phases)}"
             )
 
-    def quiesce(self) -> None:
-        """Stop accepting, reading and writing; everything stays where it is."""
+    async def quiesce(self) -> None:
+        """Stop accepting, reading and writing; everything stays where it is.
+
+        The console device stops first (no more output to hand out), then each SSH
+        connection is brought to a movable state, waiting a bounded time for a key
+        exchange in flight; one that does not get there is reported and stays."""
         self._require(Phase.SERVING, Phase.QUIESCED)
+        if self.phase is Phase.QUIESCED:
+            return
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
         if self.ssh is not None:
@@ -291,6 +297,9 @@ class DomainR:
         for conn in self.conns.values():
             conn.stop()
         self.phase = Phase.QUIESCED
+        self.left_behind = []
+        if self.ssh is not None:
+            self.left_behind += await self.ssh.quiesce(QUIESCE_TIMEOUT)
 
     def checkpoint(self) -> bytes:
         """Dump every session (the link must already be down). Sockets stay in repair mode.
@@ -302,7 +311,6 @@ class DomainR:
         t0 = time.perf_counter()
         if self.listener is not None:
             self._accept_ready()
-        self.left_behind = []
         sessions: list[ck.SessionCheckpoint] = []
         for sid, conn in list(self.conns.items()):
             try:
@@ -316,6 +324,7 @@ class DomainR:
                 name=self.name, ip=self.ip, mac=self.mac, next_session_id=self.next_id,
                 sessions=sessions, left_behind=list(self.left_behind),
                 device=self.device.state, ssh=self.ssh.cfg if self.ssh is not None else None,
+                ssh_sessions=self.ssh.checkpoint() if self.ssh is not None else [],
             )
         )
         self.last_move = MoveStats(
@@ -333,6 +342,8 @@ class DomainR:
             for conn in list(self.conns.values()):
                 with contextlib.suppress(KeeperError):
                     tcprepair.leave_repair(conn.sock, window_probe=True)
+            if self.ssh is not None:
+                self.ssh.resume_in_place()
         for conn in list(self.conns.values()):
             conn.start()
         self.start()
@@ -350,6 +361,8 @@ class DomainR:
         for conn in list(self.conns.values()):
             tcprepair.release(conn.sock)  # repair mode: no FIN, no RST
         self.conns.clear()
+        if self.ssh is not None:
+            self.ssh.release()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -374,6 +387,9 @@ class DomainR:
         if doc.ssh is not None and self.ssh is None:
             self._set_ssh(doc.ssh)  # the same host key: the client sees no change
             self.ssh.bind()  # type: ignore[union-attr]
+        if doc.ssh_sessions:
+            assert self.ssh is not None
+            self.ssh.restore(doc.ssh_sessions)
         restored: list[Conn] = []
         try:
             for item in doc.sessions:
@@ -407,6 +423,8 @@ class DomainR:
         self._announce()
         for conn in list(self.conns.values()):
             conn.start()
+        if self.ssh is not None:
+            await self.ssh.resume()
         self.start()
 
     async def announce_now(self) -> None:

@@ -23,7 +23,9 @@ from typing import Any
 
 import asyncssh
 
+from keeper import serial
 from keeper.console.raw import RawSession
+from keeper.ssh.movable import MovableSession
 
 LOGIN = "admin"
 CTRL_C = b"\x03"
@@ -51,11 +53,27 @@ class Console:
     input: Callable[[RawSession], None]
 
 
-class ConsoleSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
+class ConsoleSession(MovableSession):
     def __init__(self, console: Console, state: ConsoleSessionState) -> None:
         self.console = console
         self.state = state
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self.server: ConsoleServer | None = None  # which connection it belongs to
+
+    # -- moving (keeper.ssh.movable) -------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        return dict(serial.to_plain(self.state))
+
+    @classmethod
+    def restored(cls, console: Console, app: dict[str, Any]) -> ConsoleSession:
+        return cls(console, serial.from_plain(ConsoleSessionState, app))
+
+    def session_restored(self) -> None:
+        self.console.attach(self)
+
+    def session_released(self) -> None:
+        self.console.detach(self)
 
     # -- asyncssh callbacks ---------------------------------------------------------
 
@@ -134,6 +152,11 @@ class ConsoleServer(asyncssh.SSHServer):
         self.login = login
         self.password = password
         self._user_ok = False
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.sessions: set[ConsoleSession] = set()
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
 
     def begin_auth(self, username: str) -> bool:
         # Authorized keys are checked by asyncssh (authorized_client_keys), for any
@@ -152,4 +175,7 @@ class ConsoleServer(asyncssh.SSHServer):
             password == self.password)
 
     def session_requested(self) -> ConsoleSession:
-        return self.make_session()
+        session = self.make_session()
+        session.server = self
+        self.sessions.add(session)
+        return session

@@ -14,17 +14,22 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 
 from keeper.console.raw import RawSession
+from keeper.errors import NotMovable
+from keeper.net import tcprepair
+from keeper.net.tcprepair import Restored, TcpRepairRecord
+from keeper.ssh import movable
 from keeper.ssh.console import LOGIN, ConsoleServer, ConsoleSession, ConsoleSessionState
+from keeper.ssh.movable import SshSessionState
 
 log = logging.getLogger("keeper.ssh")
 
 SSH_PORT = 22
-MOVABLE_CIPHERS = ("chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com",
-                   "aes128-gcm@openssh.com")
+QUIESCE_TIMEOUT = 2.0  # how long a move waits for a key exchange in flight to end
 
 
 @dataclass(slots=True)
@@ -38,6 +43,15 @@ class SshConfig:
     password: str | None = None
 
 
+@dataclass(slots=True)
+class SshCheckpoint:
+    """One SSH connection in a Domain R checkpoint: asyncssh's state (with our
+    sessions' state inside) and its TCP socket."""
+
+    state: SshSessionState
+    tcp: TcpRepairRecord
+
+
 class SshHost:
     def __init__(self, cfg: SshConfig, ip: str, *, on_input: Callable[[RawSession], None],
                  port: int = SSH_PORT) -> None:
@@ -49,16 +63,18 @@ class SshHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._next_id = 1
-        self._options = asyncssh.SSHServerConnectionOptions(
+        self.servers: set[ConsoleServer] = set()
+        self._dumped: list[tuple[asyncssh.SSHServerConnection, socket.socket]] = []
+        self._incoming: list[tuple[SshSessionState, Restored]] = []
+        # only what a move can carry (keeper.ssh.movable): ciphers whose state is keys
+        # and counters, no compression, no time-based rekeying, no line editor
+        self._kw = movable.server_options(
             server_host_keys=[asyncssh.import_private_key(cfg.host_key)],
             authorized_client_keys=asyncssh.import_authorized_keys(cfg.authorized_keys),
-            server_factory=self._server, encoding=None, line_editor=False, allow_pty=True,
-            x11_forwarding=False, agent_forwarding=False,
-            # only what a move can carry: ciphers whose state is keys and counters,
-            # no compression (zlib state cannot be exported), no time-based rekeying
-            encryption_algs=list(MOVABLE_CIPHERS), compression_algs=["none"],
-            rekey_seconds=None, rekey_bytes=1 << 40, keepalive_interval=30,
-        )
+            encoding=None, allow_pty=True, x11_forwarding=False, agent_forwarding=False,
+            keepalive_interval=30)
+        self._options = asyncssh.SSHServerConnectionOptions(
+            server_factory=self._server, **self._kw)
 
     # -- the Console interface sessions use -----------------------------------------------
 
@@ -72,7 +88,9 @@ class SshHost:
         self.on_input(console)
 
     def _server(self) -> ConsoleServer:
-        return ConsoleServer(self._new_session, login=self.cfg.login, password=self.cfg.password)
+        srv = ConsoleServer(self._new_session, login=self.cfg.login, password=self.cfg.password)
+        self.servers.add(srv)
+        return srv
 
     def _new_session(self) -> ConsoleSession:
         state = ConsoleSessionState(console=RawSession(id=self._next_id))
@@ -125,11 +143,91 @@ class SshHost:
             log.info("ssh connection failed: %s", exc)
             sock.close()
             return
+        await self._watch(conn)
+
+    async def _watch(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conns.add(conn)
         try:
             await conn.wait_closed()
         finally:
             self.conns.discard(conn)
+            self.servers = {s for s in self.servers if s.conn is not conn}
+
+    # -- moving ----------------------------------------------------------------------------
+
+    async def quiesce(self, timeout: float) -> list[str]:
+        """Bring every connection to a movable state (bounded). Those that do not get
+        there keep working where they are; they are reported and left behind."""
+        left = []
+        for srv in list(self.servers):
+            if srv.conn is None:
+                continue
+            try:
+                await movable.quiesce(srv.conn, timeout)
+            except NotMovable as exc:
+                left.append(f"ssh connection of {srv.conn.get_extra_info('peername')}: {exc}")
+                self.servers.discard(srv)  # it stays, unmoved, until this Domain R ends
+        return left
+
+    def checkpoint(self) -> list[SshCheckpoint]:
+        """Dump each quiesced connection: asyncssh state, our sessions, its socket."""
+        out = []
+        for srv in list(self.servers):
+            conn = srv.conn
+            if conn is None or conn not in self.conns:
+                continue
+            sock = movable.dup_socket(conn)
+            rec = tcprepair.dump(sock)
+            apps = {movable.channel_number(s.chan): s.export_state()
+                    for s in srv.sessions if s.chan is not None}
+            out.append(SshCheckpoint(state=movable.export(conn, apps), tcp=rec))
+            self._dumped.append((conn, sock))
+        return out
+
+    def resume_in_place(self) -> None:
+        """The move was abandoned: the dumped connections go on here."""
+        for conn, sock in self._dumped:
+            tcprepair.leave_repair(sock, window_probe=True)
+            sock.close()
+            movable.resume_in_place(conn)
+        self._dumped.clear()
+
+    def release(self) -> None:
+        """The move succeeded: drop our copies without sending anything."""
+        for conn, sock in self._dumped:
+            movable.release(conn)
+            sock.close()  # in repair mode: no FIN, no RST
+        self._dumped.clear()
+
+    def restore(self, items: list[SshCheckpoint]) -> None:
+        """Re-create the sockets (repair mode, link down); adopt them at `resume`."""
+        for item in items:
+            self._incoming.append((item.state, tcprepair.restore(item.tcp)))
+
+    async def resume(self) -> None:
+        loop = asyncio.get_running_loop()
+        incoming, self._incoming = self._incoming, []
+        for state, restored in incoming:
+            sock = restored.sock
+            tcprepair.leave_repair(sock, window_probe=True)
+            if restored.resend:  # already-encrypted packets the old host never sent
+                sock.setblocking(True)
+                sock.sendall(restored.resend)
+            srv = self._server()
+            conn = await movable.import_(
+                state, sock, server_factory=lambda srv=srv: srv,
+                session_factory=lambda app, srv=srv: self._restored_session(srv, app),
+                options=self._kw, loop=loop)
+            srv.conn = conn
+            task = asyncio.create_task(self._watch(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _restored_session(self, srv: ConsoleServer, app: dict[str, Any]) -> ConsoleSession:
+        session = ConsoleSession.restored(self, app)
+        session.server = srv
+        srv.sessions.add(session)
+        return session
 
     def broadcast(self, data: bytes) -> None:
         for s in list(self.sessions):

@@ -59,3 +59,30 @@ async def test_wrong_key_is_refused(lab: LabSpec, tmp_path: Path) -> None:
     code = await asyncio.wait_for(link.proc.wait(), 15)
     link.close()
     assert code == 255 and "Permission denied" in link.stderr()
+
+
+async def test_ssh_session_survives_co_migrations(lab: LabSpec, tmp_path: Path) -> None:
+    doc = await ops.create_guest(lab, GUEST, "a", mem_mb=64, dirty_rate=200)
+    before = (await ops.journal(lab, GUEST))["count"]
+    typist, link = await ssh_typist(lab, tmp_path, doc["ip"])
+    typist.period = 0.05  # one key every 50 ms, for the whole run
+    await asyncio.sleep(1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(typist.run(stop))
+    await asyncio.sleep(0.5)
+    where = "a"
+    for _ in range(5):
+        where = "b" if where == "a" else "a"
+        trace = await ops.migrate(lab, GUEST, where)
+        assert trace["trace_ok"]
+        await asyncio.sleep(0.5)
+    stop.set()
+    stats = await task
+    assert stats.errors == [], stats.errors
+    assert await link.finish() == 0
+    journal = (await ops.journal(lab, GUEST))["journal"][before:]
+    assert compare(bytes(stats.sent), journal) == {"lost": 0, "duplicated": 0, "reordered": 0}
+    assert len(stats.sent) > 40
+    err = link.stderr()
+    for bad in ("WARNING", "Corrupted", "Bad packet", "Connection reset", "Broken pipe"):
+        assert bad not in err, err
