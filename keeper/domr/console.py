@@ -54,6 +54,8 @@ class ConsoleBackend:
         self._reading = False
         self.broadcast: Callable[[bytes], None] = lambda data: None
         self.retry_inputs: Callable[[], None] = lambda: None
+        self.may_output: Callable[[], bool] = lambda: True
+        self._pumping = False
         self.bytes_in = self.bytes_out = 0
 
     # -- set-up ---------------------------------------------------------------------------
@@ -143,12 +145,24 @@ class ConsoleBackend:
             return
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._upcall_fd)
-        out = ring.backend_take_output(self._page)
-        if out:
-            self.bytes_out += len(out)
-            self.broadcast(out)
-            self._notify()  # room in `out` again
+        self.pump_output()
         self.retry_inputs()  # the guest may have made room in `in`
+
+    def pump_output(self) -> None:
+        """Hand the guest's output to the sessions, unless one of them is backed up:
+        then the ring stays full and the guest waits, as behind a slow serial line
+        (and checkpoints stay small)."""
+        if self._page is None or not self._reading or self._pumping or not self.may_output():
+            return
+        self._pumping = True  # a session draining during broadcast must not re-enter
+        try:
+            out = ring.backend_take_output(self._page)
+            if out:
+                self.bytes_out += len(out)
+                self.broadcast(out)
+                self._notify()  # room in `out` again
+        finally:
+            self._pumping = False
 
     def close(self) -> None:
         self.stop()

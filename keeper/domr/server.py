@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keeper.arp.garp import DEFAULT_SCHEDULE_MS
-from keeper.console.raw import RawSession
+from keeper.console.raw import OUTPUT_HIGH_WATER, RawSession
 from keeper.domr import checkpoint as ck
 from keeper.domr.console import ConsoleBackend
 from keeper.errors import KeeperError, NotMovable
@@ -83,6 +83,7 @@ class Conn:
         self.loop, self.sock, self.state, self.device = loop, sock, state, device
         self._on_close = on_close
         self._reading = self._writing = False
+        self.on_drained: Callable[[], None] | None = None
         self.retransmits_at_start = 0
 
     @property
@@ -143,6 +144,8 @@ class Conn:
             self.close("client closed")
             return
         self._want(read=st.wants_input, write=bool(st.pending_out))
+        if self.on_drained is not None and len(st.pending_out) < OUTPUT_HIGH_WATER // 2:
+            self.on_drained()
 
     def close(self, why: str) -> None:
         self.stop()
@@ -174,6 +177,7 @@ class DomainR:
         if isinstance(self.device, ConsoleBackend):
             self.device.broadcast = self._broadcast
             self.device.retry_inputs = self._retry_inputs
+            self.device.may_output = self._may_output
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
         self.phase = Phase.EMPTY
@@ -192,7 +196,8 @@ class DomainR:
             self._set_ssh(ssh)
 
     def _set_ssh(self, cfg: SshConfig) -> None:
-        self.ssh = SshHost(cfg, self.ip, on_input=self._console_input)
+        self.ssh = SshHost(cfg, self.ip, on_input=self._console_input,
+                           on_drained=self.output_drained)
 
     def _console_input(self, console: RawSession) -> None:
         self.device.on_input(console)
@@ -235,6 +240,16 @@ class DomainR:
         if self.ssh is not None:
             self.ssh.broadcast(data)
 
+    def _may_output(self) -> bool:
+        if any(len(c.state.pending_out) >= OUTPUT_HIGH_WATER for c in self.conns.values()):
+            return False
+        return self.ssh is None or self.ssh.may_output()
+
+    def output_drained(self) -> None:
+        """A session's backlog went down: the console may hand out more."""
+        if isinstance(self.device, ConsoleBackend):
+            self.device.pump_output()
+
     def _retry_inputs(self) -> None:
         for conn in list(self.conns.values()):
             if conn.state.pending_in:
@@ -261,6 +276,7 @@ class DomainR:
         state = RawSession(id=self.next_id)
         self.next_id += 1
         conn = Conn(self.loop, sock, state, self.device, self._closed)
+        conn.on_drained = self.output_drained
         self.conns[state.id] = conn
         if start:
             conn.start()
@@ -396,6 +412,7 @@ class DomainR:
                 r = tcprepair.restore(item.tcp)
                 item.session.unqueue_front(r.resend)
                 conn = Conn(self.loop, r.sock, item.session, self.device, self._closed)
+                conn.on_drained = self.output_drained
                 self.conns[item.session.id] = conn
                 restored.append(conn)
         except BaseException:

@@ -57,6 +57,7 @@ MACHINE = "x86_64"
 HOME = "/root"
 CHUNK = 256  # max input bytes handled per step (bounds the output of a step)
 JOURNAL_TAIL = 200  # bytes the `journal` command shows
+JOB_CHUNK = 1800  # output of one job step: well inside the pending queue
 
 _LINE_END = re.compile(rb"[\r\n\x03]")
 
@@ -236,6 +237,13 @@ class GuestOS:
         while budget is None or budget > 0:
             if self._state.pending_len:
                 break  # Domain R must drain `out` first
+            if self._state.job:
+                if self._interrupt_job():
+                    progress = True
+                    continue
+                self._emit(self._job_step())
+                progress = True
+                continue
             want = CHUNK if budget is None else min(CHUNK, budget)
             peek = frontend_peek_input(self._ring, want)
             if not peek:
@@ -286,7 +294,9 @@ class GuestOS:
                 line.clear()
                 out += b"^C\r\n" + self._prompt()
             elif act is Act.EOL:
-                out += b"\r\n" + _crlf(self.run_command(bytes(line))) + self._prompt()
+                out += b"\r\n" + _crlf(self.run_command(bytes(line)))
+                if not st.job:  # a job prints the prompt when it ends
+                    out += self._prompt()
                 line.clear()
         if line != before:
             st.line_len = 0  # the new bytes are stored before the length grows
@@ -294,6 +304,50 @@ class GuestOS:
         if state != st.ldisc:
             st.ldisc = state
         return bytes(out)
+
+    def _job_step(self) -> bytes:
+        """The next piece of a running job's output (bounded, fits the pending queue)."""
+        st = self._state
+        n, last = st.job_next, st.job_last
+        out = bytearray()
+        while n <= last and len(out) < JOB_CHUNK:
+            out += b"%d\r\n" % n
+            n += 1
+        st.job_next = n
+        if n > last:
+            st.job = 0
+            out += self._prompt()
+        return bytes(out)
+
+    def _interrupt_job(self) -> bool:
+        """Ctrl-C stops a running job; other input waits until it ends."""
+        peek = frontend_peek_input(self._ring, CHUNK)
+        cut = peek.find(b"\x03")
+        if cut < 0:
+            return False
+        data = frontend_take_input(self._ring, cut + 1)
+        self._journal.append(data)
+        self._state.job = 0
+        self._emit(b"^C\r\n" + self._prompt())
+        return True
+
+    def _cmd_seq(self, args: list[bytes]) -> bytes:
+        try:
+            nums = [int(a) for a in args]
+        except ValueError:
+            return b"seq: not a number\n"
+        if len(nums) == 1:
+            first, last = 1, nums[0]
+        elif len(nums) == 2:
+            first, last = nums
+        else:
+            return b"usage: seq [FIRST] LAST\n"
+        if not 0 <= first <= last < 1 << 62:
+            return b""
+        st = self._state
+        st.job_next, st.job_last = first, last
+        st.job = 1
+        return b""
 
     def _prompt(self) -> bytes:
         return f"{self._sb.hostname}:~$ ".encode()
@@ -442,6 +496,7 @@ _COMMAND_TABLE: dict[bytes, tuple[_Command, str]] = {
     b"hostname": (GuestOS._cmd_hostname, "this guest's name"),
     b"journal": (GuestOS._cmd_journal, "bytes the console received, and the last few"),
     b"clear": (GuestOS._cmd_clear, "clear the screen"),
+    b"seq": (GuestOS._cmd_seq, "print numbers FIRST..LAST, one a line (Ctrl-C stops)"),
 }
 _COMMANDS: dict[bytes, _Command] = {name: fn for name, (fn, _) in _COMMAND_TABLE.items()}
 

@@ -70,6 +70,10 @@ ST_LINE_LEN = 0  # u32
 ST_PENDING_LEN = 4  # u32
 ST_LDISC = 8  # u32, line-discipline state (keeper.domu.guestos.Ldisc)
 ST_DROPPED = 16  # u64, output bytes dropped because the pending queue was full
+# a running job streams its output over many steps (e.g. `seq 1 1000000`)
+ST_JOB = 24  # u32, 0: none, 1: seq
+ST_JOB_NEXT = 32  # u64, the next number to print
+ST_JOB_LAST = 40  # u64, the last number to print
 ST_LINE = 64
 LINE_CAP = 1024
 ST_PENDING = 1152
@@ -246,6 +250,9 @@ class ConsoleState:
     pending_len: int = _u32(ST_PENDING_LEN)
     ldisc: int = _u32(ST_LDISC)
     dropped: int = _u64(ST_DROPPED)
+    job: int = _u32(ST_JOB)
+    job_next: int = _u64(ST_JOB_NEXT)
+    job_last: int = _u64(ST_JOB_LAST)
 
     def __init__(self, mem: GuestMemory, pfn: int) -> None:
         self.mem = mem

@@ -32,6 +32,9 @@ CTRL_C = b"\x03"
 # Ctrl-]: ends this SSH session with exit status 0 (as virsh console does); the
 # guest never sees it. `exit` cannot do this: the guest's shell does not know SSH.
 DETACH = b"\x1d"
+# Output waiting for the client's SSH window above which the console is held back:
+# keeps Domain R's memory and its checkpoints small when a client reads slowly.
+OUTPUT_BACKLOG = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -46,11 +49,13 @@ class ConsoleSessionState:
 
 
 class Console:
-    """What a session needs from Domain R: register to receive output, send input."""
+    """What a session needs from Domain R: register to receive output, send input,
+    say when its backlog drained."""
 
     attach: Callable[[ConsoleSession], None]
     detach: Callable[[ConsoleSession], None]
     input: Callable[[RawSession], None]
+    drained: Callable[[], None]
 
 
 class ConsoleSession(MovableSession):
@@ -138,9 +143,16 @@ class ConsoleSession(MovableSession):
         self.console.input(self.state.console)
 
     def write(self, data: bytes) -> None:
-        """Console output for this terminal (flow control is the channel's window)."""
+        """Console output for this terminal."""
         if self.chan is not None and not self.chan.is_closing():
             self.chan.write(data)
+
+    def backed_up(self) -> bool:
+        """More than a little output waits for the client's window: hold the console."""
+        return self.chan is not None and self.chan.get_write_buffer_size() > OUTPUT_BACKLOG
+
+    def resume_writing(self) -> None:  # asyncssh: the channel's buffer drained
+        self.console.drained()
 
 
 class ConsoleServer(asyncssh.SSHServer):

@@ -54,9 +54,10 @@ class SshCheckpoint:
 
 class SshHost:
     def __init__(self, cfg: SshConfig, ip: str, *, on_input: Callable[[RawSession], None],
-                 port: int = SSH_PORT) -> None:
+                 on_drained: Callable[[], None] = lambda: None, port: int = SSH_PORT) -> None:
         self.cfg, self.ip, self.port = cfg, ip, port
         self.on_input = on_input
+        self.on_drained = on_drained
         self.sessions: set[ConsoleSession] = set()
         self.conns: set[asyncssh.SSHServerConnection] = set()
         self.listener: socket.socket | None = None
@@ -228,6 +229,12 @@ class SshHost:
         session.server = srv
         srv.sessions.add(session)
         return session
+
+    def may_output(self) -> bool:
+        return not any(s.backed_up() for s in self.sessions)
+
+    def drained(self) -> None:
+        self.on_drained()
 
     def broadcast(self, data: bytes) -> None:
         for s in list(self.sessions):

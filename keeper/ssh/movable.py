@@ -12,8 +12,9 @@ counter inside an OpenSSL context that cannot be read out.
 
 Call order in the old process (a connection goes LIVE -> FROZEN -> RELEASED):
 
-1. `await quiesce(conn, timeout)` - waits, reading, until no key exchange, request
-   or channel change is in flight; stops reading at a packet boundary; waits until
+1. `await quiesce(conn, timeout)` - keeps application output in the channel
+   buffers (it moves with them); waits, reading, until no key exchange, request or
+   channel change is in flight; stops reading at a packet boundary; waits until
    asyncio's write buffer is empty; stops the keepalive and login timers; fences
    every send. On NotMovable the connection carries on where it is.
 2. `state = export(conn)` - plain data (`SshSessionState`) that round-trips through
@@ -395,6 +396,8 @@ async def quiesce(conn: SSHServerConnection, timeout: float) -> None:
     transport = conn._transport
     try:
         while True:
+            if conn._transport is None:
+                raise NotMovable("the connection closed while quiescing")
             _hold_output(conn)
             reasons = _input_reasons(conn)
             if reasons:
@@ -408,7 +411,7 @@ async def quiesce(conn: SSHServerConnection, timeout: float) -> None:
                 if not reasons:
                     _freeze(conn, rec)
                     return
-            if loop.time() >= deadline or conn._transport is None:
+            if loop.time() >= deadline:
                 raise NotMovable(f"not movable within {timeout}s: {'; '.join(reasons)}")
             await asyncio.sleep(_POLL_SECONDS)
     finally:
@@ -695,23 +698,24 @@ class _Adopter(asyncio.Protocol):
 async def import_(state: SshSessionState, sock: socket.socket, *,
                   server_factory: Callable[[], asyncssh.SSHServer],
                   session_factory: SessionFactory,
-                  options: Mapping[str, Any] | None = None,
+                  options: Mapping[str, Any],
                   loop: asyncio.AbstractEventLoop | None = None) -> SSHServerConnection:
     """Rebuild a live server connection from `state` on the connected socket `sock`
     (which it takes over) and carry on: read, answer, rekey, keepalive.
 
-    `options` are the server's keyword options (server_options(...): host keys for
-    later key exchanges, authorized keys, keepalive...). Each channel's session is
-    `session_factory(app_state)`; it gets connection_made(chan) and, if it is a
-    MovableSession, session_restored(). Raises before touching the socket if the
-    state cannot be imported.
+    `options` are the server's keyword options, as for server_options(): the host
+    keys above all (the client checks them again at its next key exchange), then
+    authorized keys, keepalive... Each channel's session is `session_factory(app)`;
+    it gets connection_made(chan) and, if a MovableSession, session_restored().
+    Raises NotMovable before touching the socket if the state cannot be imported;
+    if the adoption itself fails, the connection is closed and NotMovable raised.
     """
     if asyncssh.__version__ != ASYNCSSH_VERSION or state.asyncssh_version != ASYNCSSH_VERSION:
         raise NotMovable(f"state from asyncssh {state.asyncssh_version}, running "
                          f"{asyncssh.__version__}, pinned {ASYNCSSH_VERSION}")
     loop = loop or asyncio.get_running_loop()
     opts = await SSHServerConnectionOptions.construct(
-        None, server_factory=server_factory, **server_options(**dict(options or {})))
+        None, server_factory=server_factory, **server_options(**options))
     conn = SSHServerConnection(loop, opts)
     conn._cancel_login_timer()
     _restore_connection(conn, state)
@@ -719,12 +723,19 @@ async def import_(state: SshSessionState, sock: socket.socket, *,
     sessions = [_restore_channel(conn, loop, st, session_factory) for st in state.channels]
     conn._next_recv_chan = state.next_recv_chan
     conn._transport = None
+    failed: list[BaseException] = []
 
     def attach(transport: asyncio.Transport) -> None:
         transport.set_protocol(conn)
-        _attach(conn, transport, state, sessions)
+        try:
+            _attach(conn, transport, state, sessions)
+        except Exception as exc:
+            failed.append(exc)
+            conn.internal_error(sys.exc_info())  # closes it, as asyncssh does
 
     await loop.connect_accepted_socket(lambda: _Adopter(attach), sock)
+    if failed:
+        raise NotMovable(f"adopting the connection failed: {failed[0]!r}") from failed[0]
     return conn
 
 
@@ -842,29 +853,22 @@ def _attach(conn: SSHServerConnection, transport: asyncio.Transport, st: SshSess
         conn._peer_addr, conn._peer_port = peername[:2]
     conn.logger.info("Adopted a moved SSH connection from %s", (conn._peer_addr, conn._peer_port))
     _moves[conn] = _Move()
-    try:
-        conn._owner = conn._protocol_factory()
-        conn._owner.connection_made(conn)
-    except Exception:
-        loop.call_soon(conn.internal_error, sys.exc_info())
-        return
+    conn._owner = conn._protocol_factory()
+    conn._owner.connection_made(conn)
     if conn._keepalive_interval:
         left = (conn._keepalive_interval if st.keepalive_ms_left is None
                 else st.keepalive_ms_left / 1000)
         conn._keepalive_timer = loop.call_later(left, conn._keepalive_timer_callback)
-    for _ in range(st.keepalive_replies_pending):
+    for _ in range(st.keepalive_replies_pending):  # requests the old process sent
         waiter = loop.create_future()
         conn._global_request_waiters.append(waiter)
         conn.create_task(_keepalive_reply(conn, waiter))
-    try:
-        for chan, session in sessions:
-            session.connection_made(chan)
-            if isinstance(session, MovableSession):
-                session.session_restored()
-        for chan, _ in sessions:
-            chan._flush_send_buf()  # output the application wrote while frozen
-    except Exception:
-        loop.call_soon(conn.internal_error, sys.exc_info())
+    for chan, session in sessions:
+        session.connection_made(chan)
+        if isinstance(session, MovableSession):
+            session.session_restored()
+    for chan, _ in sessions:
+        chan._flush_send_buf()  # output the application wrote while frozen
 
 
 async def _keepalive_reply(conn: SSHServerConnection, waiter: asyncio.Future) -> None:

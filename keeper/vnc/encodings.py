@@ -1,0 +1,298 @@
+"""RFB rectangle encodings: Raw, CopyRect, Hextile, ZRLE and the DesktopSize / LastRect
+pseudo-encodings.
+
+Encoders take pixel *values* already translated to the client's format (a (h, w) uint32
+array from `keeper.vnc.pixels.native_to_values`) and return the bytes that follow a
+rectangle header. They are pure functions except ZRLE, which writes into the one zlib
+stream a connection has (rfbproto: "A single zlib stream object is used for a given RFB
+protocol connection").
+
+The zlib stream and checkpoints
+-------------------------------
+A `zlib.compressobj` cannot be pickled or copied into a checkpoint. But the client's
+inflater needs nothing from our compressor except well-formed deflate blocks that only
+refer back into its own 32 KiB window of output. So every ZRLE rectangle ends with a
+Z_SYNC_FLUSH (byte-aligned, nothing held back), and `ZlibState` keeps the last 32 KiB
+of *uncompressed* bytes fed to the stream — exactly the client's inflate window. After a
+restore, a raw-deflate compressor primed with that window as its dictionary continues
+the same stream: no new zlib header, no end-of-stream, and back-references that land
+where the client expects them. Only the very first compressor of a connection writes
+the zlib header. The stream never ends, so no Adler-32 trailer is ever due.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from keeper.vnc.pixels import PixelFormat, cpixel_layout, values_to_bytes, values_to_cpixels
+
+RAW = 0
+COPY_RECT = 1
+HEXTILE = 5
+ZRLE = 16
+DESKTOP_SIZE = -223  # pseudo-encoding: the framebuffer changed size
+LAST_RECT = -224  # pseudo-encoding: no more rectangles in this update
+
+ZLIB_WINDOW = 32 * 1024  # deflate's window: all a continuing compressor needs to know
+
+_HEADER = struct.Struct(">HHHHi")
+
+
+def rect_header(x: int, y: int, width: int, height: int, encoding: int) -> bytes:
+    return _HEADER.pack(x, y, width, height, encoding)
+
+
+def desktop_size(width: int, height: int) -> bytes:
+    """The DesktopSize pseudo-rectangle: header only, x and y ignored by clients."""
+    return rect_header(0, 0, width, height, DESKTOP_SIZE)
+
+
+def last_rect() -> bytes:
+    """The LastRect pseudo-rectangle: ends an update announced with 65535 rectangles."""
+    return rect_header(0, 0, 0, 0, LAST_RECT)
+
+
+def encode_raw(values: np.ndarray, fmt: PixelFormat) -> bytes:
+    return values_to_bytes(values, fmt)
+
+
+def encode_copyrect(src_x: int, src_y: int) -> bytes:
+    return struct.pack(">HH", src_x, src_y)
+
+
+# --- Hextile -----------------------------------------------------------------------
+
+_HT_RAW = 1
+_HT_BACKGROUND = 2
+_HT_FOREGROUND = 4
+_HT_ANY_SUBRECTS = 8
+_HT_COLOURED = 16
+
+
+@dataclass(slots=True)
+class _Runs:
+    """Run analysis of a whole rectangle, split at 16-pixel tile borders.
+
+    Subrectangles are horizontal runs of one colour, each merged downwards while the row
+    below has a run of the same span and colour: cheap, and good for text and UI edges —
+    what a management console shows. Array operations over the whole rectangle, so a
+    tile knows its subrectangle count (and so raw-or-not) before any Python loop.
+    """
+
+    start: np.ndarray  # a run of one colour starts here
+    run_end: np.ndarray  # last column of the run through this pixel
+    continues: np.ndarray  # this run repeats the run above, same span and colour
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> _Runs:
+        height, width = values.shape
+        col = np.arange(width)
+        start = np.ones((height, width), dtype=bool)
+        start[:, 1:] = values[:, 1:] != values[:, :-1]
+        start[:, col % 16 == 0] = True
+        end = np.ones((height, width), dtype=bool)
+        end[:, :-1] = values[:, :-1] != values[:, 1:]
+        end[:, col % 16 == 15] = True
+        last = np.where(end, col, width)
+        run_end = np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1]
+        continues = np.zeros((height, width), dtype=bool)
+        continues[1:] = (start[1:] & start[:-1] & (values[1:] == values[:-1])
+                         & (run_end[1:] == run_end[:-1]))
+        continues[::16] = False
+        return cls(start, run_end, continues)
+
+
+def _hextile_tile(
+    values: np.ndarray, runs: _Runs, tx: int, ty: int, fmt: PixelFormat,
+    bg: int | None, fg: int | None,
+) -> tuple[bytes, int | None, int | None] | None:
+    """The tile at (tx, ty), not raw, given the carried bg/fg: (bytes, new bg, new fg);
+    None if raw is no bigger or it needs more than 255 subrectangles."""
+    tile = values[ty:ty + 16, tx:tx + 16]
+    th, tw = tile.shape
+    bpp = fmt.bytes_per_pixel
+    first = int(tile[0, 0])
+    if tile.min() == tile.max():  # solid: the common case, skip the rest
+        if first == bg:
+            return b"\x00", bg, fg
+        return bytes((_HT_BACKGROUND,)) + values_to_bytes(np.array([first]), fmt), first, fg
+    colours, counts = np.unique(tile, return_counts=True)
+    tile_bg = int(colours[int(np.argmax(counts))])
+    mask = 0
+    body = bytearray()
+    if tile_bg != bg:
+        mask |= _HT_BACKGROUND
+        body += values_to_bytes(np.array([tile_bg]), fmt)
+    continues = runs.continues[ty:ty + th, tx:tx + tw]
+    ys, xs = np.nonzero(runs.start[ty:ty + th, tx:tx + tw] & (tile != tile_bg) & ~continues)
+    mono = len(colours) == 2
+    colour = int(colours[0] if colours[1] == tile_bg else colours[1]) if mono else None
+    size = len(body) + 1 + len(ys) * (2 if mono else 2 + bpp)
+    if mono and colour != fg:
+        size += bpp
+    if len(ys) > 255 or size >= tile.size * bpp:
+        return None
+    mask |= _HT_ANY_SUBRECTS
+    if mono:
+        if colour != fg:
+            mask |= _HT_FOREGROUND
+            body += values_to_bytes(np.array([colour]), fmt)
+        fg = colour
+    else:
+        mask |= _HT_COLOURED
+        fg = None  # the spec forbids carrying a foreground out of a coloured tile
+        pix = values_to_bytes(tile[ys, xs], fmt)
+    body.append(len(ys))
+    run_end = runs.run_end[ty:ty + th, tx:tx + tw]
+    for i, (y, x) in enumerate(zip(ys.tolist(), xs.tolist(), strict=True)):
+        h = 1
+        while y + h < th and continues[y + h, x]:
+            h += 1
+        w = int(run_end[y, x]) - tx - x + 1
+        if not mono:
+            body += pix[i * bpp:(i + 1) * bpp]
+        body += bytes(((x << 4) | y, ((w - 1) << 4) | (h - 1)))
+    return bytes((mask,)) + body, tile_bg, fg
+
+
+def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
+    """Hextile (rfbproto "Hextile Encoding"): 16x16 tiles, each raw or background plus
+    subrectangles. Background/foreground are carried over only where the spec allows
+    (never after a raw tile; foreground never after a SubrectsColoured tile)."""
+    height, width = values.shape
+    runs = _Runs.of(values)
+    out = bytearray()
+    bg: int | None = None  # carried background, if valid
+    fg: int | None = None  # carried foreground, if valid
+    for ty in range(0, height, 16):
+        for tx in range(0, width, 16):
+            coded = _hextile_tile(values, runs, tx, ty, fmt, bg, fg)
+            if coded is None:
+                out.append(_HT_RAW)
+                out += values_to_bytes(values[ty:ty + 16, tx:tx + 16], fmt)
+                bg = fg = None
+            else:
+                data, bg, fg = coded
+                out += data
+    return bytes(out)
+
+
+# --- ZRLE --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ZlibState:
+    """What survives a checkpoint of a connection's zlib stream (see the module doc)."""
+
+    level: int = 6
+    started: bool = False  # the zlib header has gone out
+    window: bytes = b""  # last ZLIB_WINDOW uncompressed bytes fed to the stream
+
+
+class ZlibStream:
+    """One connection's deflate stream; every `compress` call ends with Z_SYNC_FLUSH.
+
+    The live compressor is a cache beside `state`; dropping it (as a checkpoint does)
+    loses nothing, the next call rebuilds it from `state.window`.
+    """
+
+    def __init__(self, state: ZlibState) -> None:
+        self.state = state
+        self._compressor: zlib._Compress | None = None
+
+    def _make(self) -> zlib._Compress:
+        st = self.state
+        if not st.started:
+            return zlib.compressobj(st.level)
+        if st.window:
+            return zlib.compressobj(st.level, zlib.DEFLATED, -15, zdict=st.window)
+        return zlib.compressobj(st.level, zlib.DEFLATED, -15)
+
+    def compress(self, data: bytes) -> bytes:
+        if self._compressor is None:
+            self._compressor = self._make()
+        c = self._compressor
+        out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+        st = self.state
+        st.started = True
+        if len(data) >= ZLIB_WINDOW:
+            st.window = bytes(data[-ZLIB_WINDOW:])
+        else:
+            st.window = (st.window + data)[-ZLIB_WINDOW:]
+        return out
+
+
+def _run_length_bytes(lengths: np.ndarray) -> np.ndarray:
+    """How many bytes each run length takes: floor((L - 1) / 255) bytes of 255, then one."""
+    return (lengths - 1) // 255 + 1
+
+
+def _zrle_tile(tile: np.ndarray, fmt: PixelFormat, cp: int) -> bytes:
+    """One ZRLE tile: the cheapest of solid, packed palette, raw, plain RLE, palette RLE."""
+    th, tw = tile.shape
+    flat = tile.reshape(-1)
+    n = flat.size
+    palette, inverse = np.unique(flat, return_inverse=True)
+    k = palette.size
+    if k == 1:
+        return b"\x01" + values_to_cpixels(palette, fmt)
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    lengths = np.diff(np.append(starts, n))
+    len_bytes = _run_length_bytes(lengths)
+    costs = {"raw": n * cp, "rle": len(starts) * cp + int(len_bytes.sum())}
+    if k <= 16:
+        bits = 1 if k == 2 else 2 if k <= 4 else 4
+        costs["packed"] = k * cp + ((tw * bits + 7) // 8) * th
+    if k <= 127:
+        costs["prle"] = k * cp + int(np.where(lengths == 1, 1, 1 + len_bytes).sum())
+    best = min(costs, key=lambda name: costs[name])
+    if best == "raw":
+        return b"\x00" + values_to_cpixels(flat, fmt)
+    if best == "packed":
+        idx = inverse.reshape(th, tw).astype(np.uint8)
+        if bits == 1:
+            packed = np.packbits(idx, axis=1)
+        else:
+            per_byte = 8 // bits
+            pad = (-tw) % per_byte
+            idx = np.pad(idx, ((0, 0), (0, pad))).reshape(th, -1, per_byte)
+            shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
+            packed = np.bitwise_or.reduce(idx << shifts, axis=2).astype(np.uint8)
+        return bytes((k,)) + values_to_cpixels(palette, fmt) + packed.tobytes()
+    if best == "prle":
+        counts = np.where(lengths == 1, 1, 1 + len_bytes)
+        out = np.full(int(counts.sum()), 255, dtype=np.uint8)
+        offs = np.cumsum(counts) - counts
+        long = lengths > 1
+        out[offs] = inverse.reshape(-1)[starts].astype(np.uint8) | np.where(long, 128, 0)
+        out[(offs + counts - 1)[long]] = ((lengths[long] - 1) % 255).astype(np.uint8)
+        return bytes((128 + k,)) + values_to_cpixels(palette, fmt) + out.tobytes()
+    # plain RLE: CPIXEL then the run length, per run
+    counts = cp + len_bytes
+    out = np.full(int(counts.sum()), 255, dtype=np.uint8)
+    offs = np.cumsum(counts) - counts
+    pix = np.frombuffer(values_to_cpixels(flat[starts], fmt), dtype=np.uint8).reshape(-1, cp)
+    out[offs[:, None] + np.arange(cp)] = pix
+    out[offs + counts - 1] = ((lengths - 1) % 255).astype(np.uint8)
+    return b"\x80" + out.tobytes()
+
+
+def zrle_data(values: np.ndarray, fmt: PixelFormat) -> bytes:
+    """The uncompressed ZRLE payload of a rectangle: 64x64 tiles, left to right, top down."""
+    height, width = values.shape
+    cp, _ = cpixel_layout(fmt)
+    return b"".join(
+        _zrle_tile(values[ty:ty + 64, tx:tx + 64], fmt, cp)
+        for ty in range(0, height, 64)
+        for tx in range(0, width, 64)
+    )
+
+
+def encode_zrle(values: np.ndarray, fmt: PixelFormat, stream: ZlibStream) -> bytes:
+    """ZRLE (rfbproto "ZRLE Encoding"): u32 length, then that much of the zlib stream."""
+    data = stream.compress(zrle_data(values, fmt))
+    return struct.pack(">I", len(data)) + data
