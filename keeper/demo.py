@@ -15,13 +15,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from keeper.errors import KeeperError
 from keeper.lab import ops, topology
+from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
 
@@ -34,17 +38,32 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
-async def run_migrations(spec: LabSpec, *, migrations: int, interval: float,
+async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path, say: Any) -> Typist:
+    prompt = f"{GUEST}:~$ ".encode()
+    if rms == "console":
+        say(f"{GUEST}'s console through Domain R at {ip}:2323 (raw TCP)")
+        say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} 2323")
+        return await Typist.over_tcp(spec.client_ns, (ip, 2323), prompt=prompt)
+    key = spec.ssh_dir / "id_ed25519"
+    say(f"{GUEST}'s console through Domain R over SSH at {ip}:22, OpenSSH as the client")
+    say(f"  attach yourself:  ip netns exec {spec.client_ns} ssh -i {key} admin@{ip}"
+        "   (Ctrl-] leaves)")
+    link = await SshLink.start(spec.client_ns, ip, key=key, workdir=workdir,
+                               known_hosts=workdir / "known_hosts")
+    await link.wait_connected()
+    await asyncio.sleep(1.0)  # the login's own output settles first
+    return Typist(link, prompt)
+
+
+async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms: str = "console",
                          say: Any = print) -> dict[str, Any]:
     """guest1 must exist; type into its console while it migrates back and forth."""
     status = await ops.status(spec)
     dom = next(d for d in status["domains"] if d["name"] == GUEST)
     hosts = [h.name for h in spec.hosts]
-    say(f"{GUEST} on host {dom['host']}: console through Domain R at {dom['ip']}:2323")
-    say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {dom['ip']} 2323")
     before = (await ops.journal(spec, GUEST))["count"]
-    typist = await Typist.over_tcp(spec.client_ns, (dom["ip"], 2323),
-                                   prompt=f"{GUEST}:~$ ".encode())
+    workdir = Path(tempfile.mkdtemp(prefix="keeper-demo-"))
+    typist = await _typist(spec, dom["ip"], rms, workdir, say)
     stop = asyncio.Event()
     typing = asyncio.create_task(typist.run(stop))
     stats_ref = typist.stats
@@ -77,12 +96,22 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float,
         stop.set()
         stats = await typing
     server_retrans.append(await ops.server_retransmits(spec))
-    typist.close()
+    exit_status = None
+    if isinstance(typist.link, SshLink):
+        typist.stats.retransmits = typist.link.retransmits()
+        exit_status = await typist.link.finish()
+        stderr = typist.link.stderr()
+        if exit_status != 0 or "WARNING" in stderr:
+            stats.errors.append(f"ssh exited {exit_status}: {stderr.strip()[-300:]}")
+    else:
+        typist.close()
+    shutil.rmtree(workdir, ignore_errors=True)
     journal = (await ops.journal(spec, GUEST))["journal"][before:]
     diff = compare(bytes(stats.sent), journal)
     # restored sockets start counting at zero: what each one counted before the next move
     retrans_server = sum(server_retrans[1:])
     return {
+        "rms": rms,
         "migrations": len(traces),
         "sent": len(stats.sent),
         "received": len(journal),
@@ -116,7 +145,7 @@ async def _demo(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     await ops.create_guest(spec, GUEST, spec.hosts[0].name, mem_mb=args.mem_mb,
                            dirty_rate=args.dirty_rate)
     return await run_migrations(spec, migrations=args.migrations, interval=args.interval,
-                                say=say)
+                                rms=args.rms, say=say)
 
 
 def run(args: argparse.Namespace) -> int:

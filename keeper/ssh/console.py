@@ -91,10 +91,6 @@ class ConsoleSession(MovableSession):
         self.state.term_size = list(term_size)
         return True
 
-    def env_requested(self, name: str, value: str) -> bool:  # not in every asyncssh
-        self.state.env[name] = value
-        return True
-
     def shell_requested(self) -> bool:
         self.state.shell = True
         return True
@@ -106,6 +102,8 @@ class ConsoleSession(MovableSession):
         return False
 
     def session_started(self) -> None:
+        if self.chan is not None:  # env requests arrive before the shell request
+            self.state.env = {str(k): str(v) for k, v in self.chan.get_environment().items()}
         self.console.attach(self)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
