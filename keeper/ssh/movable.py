@@ -703,10 +703,11 @@ async def import_(state: SshSessionState, sock: socket.socket, *,
     """Rebuild a live server connection from `state` on the connected socket `sock`
     (which it takes over) and carry on: read, answer, rekey, keepalive.
 
-    `options` are the server's keyword options, as for server_options(): the host
-    keys above all (the client checks them again at its next key exchange), then
-    authorized keys, keepalive... Each channel's session is `session_factory(app)`;
-    it gets connection_made(chan) and, if a MovableSession, session_restored().
+    `options` are the server's keyword options, as for server_options() (without
+    server_factory): the host keys above all (the client checks them again at its
+    next key exchange), then authorized keys, keepalive... Each channel's session is
+    `session_factory(app)`; it gets connection_made(chan) and, if a MovableSession,
+    session_restored().
     Raises NotMovable before touching the socket if the state cannot be imported;
     if the adoption itself fails, the connection is closed and NotMovable raised.
     """
