@@ -29,6 +29,7 @@ import posixpath
 import re
 from collections.abc import Callable
 
+from keeper.domu.display import Display
 from keeper.domu.layout import (
     DEFAULT_JOURNAL_PAGES,
     LINE_CAP,
@@ -154,6 +155,8 @@ class GuestOS:
         self._state = ConsoleState(mem, layout.state_pfn)
         self._journal = Journal(mem, layout.journal_pfn, layout.journal_pages)
         self._ring = mem.page(layout.ring_pfn)
+        self._cur = self._state  # the terminal whose line is being run
+        self.display = Display(self) if layout.dev_pages else None
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -193,6 +196,8 @@ class GuestOS:
         format_fs(mem, layout.fs_pfn, layout.fs_pages, default_files(hostname))
         init_ring(self._ring)
         sb.ring_init_count = prev_inits + 1
+        if self.display is not None:
+            self.display.boot()
         motd = self._files().get("/etc/motd", b"")
         self._emit(_crlf(b"\n" + motd + b"\n") + self._prompt())
         return self
@@ -273,9 +278,11 @@ class GuestOS:
             self._state.pending = rest
         return n > 0
 
-    def _line_discipline(self, data: bytes) -> bytes:
-        """Run `data` through the line discipline; return what to print."""
-        st = self._state
+    def _line_discipline(self, data: bytes, st: ConsoleState | None = None) -> bytes:
+        """Run `data` through a terminal's line discipline (the console's unless `st`
+        names another terminal's state); return what to print."""
+        st = st or self._state
+        self._cur = st
         before = st.line
         line = bytearray(before)
         state = Ldisc(st.ldisc)
@@ -332,6 +339,8 @@ class GuestOS:
         return True
 
     def _cmd_seq(self, args: list[bytes]) -> bytes:
+        if self._cur is not self._state:
+            return b"seq: only on the serial console\n"
         try:
             nums = [int(a) for a in args]
         except ValueError:

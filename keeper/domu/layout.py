@@ -31,7 +31,7 @@ from keeper.domu.memory import PAGE, GuestMemory
 from keeper.errors import CheckpointError
 
 MAGIC = b"KEEPERU1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MIN_BYTES = 4 * 1024 * 1024
 
 SUPERBLOCK_PFN = 0
@@ -40,6 +40,9 @@ STATE_PFN = 2
 JOURNAL_PFN = 3
 DEFAULT_JOURNAL_PAGES = 256
 FS_PAGES = 4
+# The display devices (keeper.domu.display): vkbd page, vfb page, framebuffer page
+# directory, tty1 state, tty1 screen, then the 800x600x32 framebuffer itself.
+DEV_PAGES = 5 + (800 * 600 * 4 + PAGE - 1) // PAGE
 
 # Superblock (pfn 0) byte offsets.
 SB_MAGIC = 0  # 8 bytes
@@ -53,6 +56,8 @@ SB_FS_PFN = 40  # u32
 SB_FS_PAGES = 44  # u32
 SB_WORKLOAD_PFN = 48  # u32
 SB_WORKLOAD_PAGES = 52  # u32
+SB_DEV_PFN = 56  # u32
+SB_DEV_PAGES = 60  # u32
 SB_CONSOLE_PORT = 64  # u32, 0 until the frontend binds its event channel
 SB_RING_INIT_COUNT = 68  # u32, how often the frontend initialised the ring
 SB_BOOT_COUNT = 72  # u32
@@ -101,6 +106,8 @@ class Layout:
     fs_pages: int
     workload_pfn: int
     workload_pages: int
+    dev_pfn: int = 0
+    dev_pages: int = 0
 
     @property
     def journal_capacity(self) -> int:
@@ -119,7 +126,8 @@ class Layout:
         if journal_pages < 1:
             raise ValueError("the journal needs at least one page")
         fs_pfn = JOURNAL_PFN + journal_pages
-        workload_pfn = fs_pfn + FS_PAGES
+        dev_pfn = fs_pfn + FS_PAGES
+        workload_pfn = dev_pfn + DEV_PAGES
         if workload_pfn >= total_pages:
             raise ValueError(f"{total_pages} pages leave no workload region")
         return cls(
@@ -132,6 +140,8 @@ class Layout:
             fs_pages=FS_PAGES,
             workload_pfn=workload_pfn,
             workload_pages=total_pages - workload_pfn,
+            dev_pfn=dev_pfn,
+            dev_pages=DEV_PAGES,
         )
 
     @classmethod
@@ -158,12 +168,15 @@ class Layout:
             fs_pages=mem.u32(SB_FS_PAGES),
             workload_pfn=mem.u32(SB_WORKLOAD_PFN),
             workload_pages=mem.u32(SB_WORKLOAD_PAGES),
+            dev_pfn=mem.u32(SB_DEV_PFN),
+            dev_pages=mem.u32(SB_DEV_PAGES),
         )
         ordered = (
             0 < got.ring_pfn < got.state_pfn < got.journal_pfn
             and got.journal_pages >= 1
             and got.fs_pfn == got.journal_pfn + got.journal_pages
-            and got.workload_pfn == got.fs_pfn + got.fs_pages
+            and got.dev_pfn == got.fs_pfn + got.fs_pages
+            and got.workload_pfn == got.dev_pfn + got.dev_pages
             and got.workload_pages >= 1
             and got.workload_pfn + got.workload_pages == total
         )
@@ -190,6 +203,7 @@ class Layout:
             self.workload_pfn,
             self.workload_pages,
         )
+        struct.pack_into("<2I", head, SB_DEV_PFN, self.dev_pfn, self.dev_pages)
         mem.write(SUPERBLOCK_PFN * PAGE, bytes(head))
 
 

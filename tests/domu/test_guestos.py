@@ -328,7 +328,11 @@ def test_boot_of_a_large_guest_touches_only_metadata() -> None:
         os_ = GuestOS.boot(mem, hostname="big")
         layout = os_.layout
         touched = {i for i, d in enumerate(dirty) if d}
-        assert touched == {0, layout.ring_pfn, layout.state_pfn, layout.journal_pfn, layout.fs_pfn}
+        console = {0, layout.ring_pfn, layout.state_pfn, layout.journal_pfn, layout.fs_pfn}
+        assert console <= touched
+        display = touched - console  # the display region, nothing of the workload
+        assert display and min(display) >= layout.dev_pfn
+        assert max(display) < layout.workload_pfn
         assert layout.workload_pages == size // PAGE - layout.workload_pfn
         assert layout.ring_pfn == 1 and layout.state_pfn == 2 and layout.journal_pfn == 3
     finally:
