@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from keeper import serial
 from keeper.console.raw import RawSession
 from keeper.domr.console import ConsoleBackendState
+from keeper.domr.display import DisplayBackendState
 from keeper.net.tcprepair import TcpRepairRecord
 from keeper.ssh.host import SshCheckpoint, SshConfig
+from keeper.vnc.server import VncCheckpoint
 
 KIND = "domr-checkpoint"
 
@@ -34,6 +36,9 @@ class DomrCheckpoint:
     # the SSH service's configuration, host key included (None: no SSH)
     ssh: SshConfig | None = None
     ssh_sessions: list[SshCheckpoint] = field(default_factory=list)
+    # the keyboard/framebuffer backends and the VNC sessions on them
+    display: DisplayBackendState | None = None
+    vnc_sessions: list[VncCheckpoint] = field(default_factory=list)
 
 
 def encode(ckpt: DomrCheckpoint) -> bytes:

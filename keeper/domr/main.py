@@ -29,6 +29,7 @@ from aiohttp import web
 from keeper import control
 from keeper.arp.garp import parse_schedule
 from keeper.domr.console import ConsoleBackend
+from keeper.domr.display import DisplayBackend
 from keeper.domr.server import DomainR
 from keeper.lab import netns
 from keeper.ssh.host import SshConfig
@@ -110,11 +111,14 @@ def _die_with_parent(on: bool) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    device = None
+    device = display = None
     if args.hypercall:
-        device = ConsoleBackend(HypercallClient(args.hypercall))
-        if not args.restore:
-            device.connect()  # first start: find the guest's console and bind it
+        hc = HypercallClient(args.hypercall)
+        device = ConsoleBackend(hc)
+        display = DisplayBackend(hc)
+        if not args.restore:  # first start: find the guest's devices and bind them
+            device.connect()
+            display.connect()
     ssh = None
     if args.ssh_host_key and not args.restore:  # after a move, it comes with the checkpoint
         ssh = SshConfig(host_key=Path(args.ssh_host_key).read_text(),
@@ -122,7 +126,7 @@ async def serve(args: argparse.Namespace) -> int:
     domr = DomainR(args.name, args.ip, args.mac, console_port=args.console_port,
                    announce=not args.no_announce,
                    announce_schedule=parse_schedule(args.announce_schedule), device=device,
-                   ssh=ssh)
+                   ssh=ssh, display=display)
     if args.restore:
         _die_with_parent(True)
         if os.getppid() != args.parent:

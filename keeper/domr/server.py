@@ -29,10 +29,12 @@ from keeper.arp.garp import DEFAULT_SCHEDULE_MS
 from keeper.console.raw import OUTPUT_HIGH_WATER, RawSession
 from keeper.domr import checkpoint as ck
 from keeper.domr.console import ConsoleBackend
+from keeper.domr.display import DisplayBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.tcpinfo import tcp_info
 from keeper.ssh.host import QUIESCE_TIMEOUT, SshConfig, SshHost
+from keeper.vnc.server import VncHost
 
 log = logging.getLogger("keeper.domr")
 
@@ -170,6 +172,7 @@ class DomainR:
         console_port: int = CONSOLE_PORT, announce: bool = True,
         announce_schedule: tuple[int, ...] = DEFAULT_SCHEDULE_MS,
         device: Device | None = None, ssh: SshConfig | None = None,
+        display: DisplayBackend | None = None,
     ) -> None:
         self.name, self.ip, self.mac, self.iface = name, ip, mac, iface
         self.console_port = console_port
@@ -194,6 +197,11 @@ class DomainR:
         self.ssh: SshHost | None = None
         if ssh is not None:
             self._set_ssh(ssh)
+        self.display = display
+        self.vnc: VncHost | None = None
+        if display is not None:
+            self.vnc = VncHost(display, ip, name)
+            display.on_damage = self.vnc.damage
 
     def _set_ssh(self, cfg: SshConfig) -> None:
         self.ssh = SshHost(cfg, self.ip, on_input=self._console_input,
@@ -222,6 +230,8 @@ class DomainR:
             self.listener = ls
         if self.ssh is not None:
             self.ssh.bind()
+        if self.vnc is not None:
+            self.vnc.bind()
 
     def start(self) -> None:
         self.bind()
@@ -231,6 +241,9 @@ class DomainR:
             self.ssh.start(self.loop)
         self.phase = Phase.SERVING
         self.device.start(self.loop)
+        if self.display is not None and self.vnc is not None:
+            self.display.start(self.loop)
+            self.vnc.start()
 
     def _broadcast(self, data: bytes) -> None:
         """Console output goes to every session (terminals on one serial line)."""
@@ -310,6 +323,9 @@ class DomainR:
         if self.ssh is not None:
             self.ssh.stop_accepting(self.loop)
         self.device.stop()  # from here on the shared ring is not touched (S3)
+        if self.display is not None and self.vnc is not None:
+            self.display.stop()
+            self.vnc.stop()
         for conn in self.conns.values():
             conn.stop()
         self.phase = Phase.QUIESCED
@@ -341,6 +357,8 @@ class DomainR:
                 sessions=sessions, left_behind=list(self.left_behind),
                 device=self.device.state, ssh=self.ssh.cfg if self.ssh is not None else None,
                 ssh_sessions=self.ssh.checkpoint() if self.ssh is not None else [],
+                display=self.display.state if self.display is not None else None,
+                vnc_sessions=self.vnc.checkpoint() if self.vnc is not None else [],
             )
         )
         self.last_move = MoveStats(
@@ -360,6 +378,8 @@ class DomainR:
                     tcprepair.leave_repair(conn.sock, window_probe=True)
             if self.ssh is not None:
                 self.ssh.resume_in_place()
+            if self.vnc is not None:
+                self.vnc.resume_in_place()
         for conn in list(self.conns.values()):
             conn.start()
         self.start()
@@ -379,6 +399,8 @@ class DomainR:
         self.conns.clear()
         if self.ssh is not None:
             self.ssh.release()
+        if self.vnc is not None:
+            self.vnc.release()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -406,6 +428,9 @@ class DomainR:
         if doc.ssh_sessions:
             assert self.ssh is not None
             self.ssh.restore(doc.ssh_sessions)
+        if doc.display is not None and self.display is not None and self.vnc is not None:
+            self.display.reconnect(doc.display)
+            self.vnc.restore(doc.vnc_sessions)
         restored: list[Conn] = []
         try:
             for item in doc.sessions:
@@ -442,6 +467,8 @@ class DomainR:
             conn.start()
         if self.ssh is not None:
             await self.ssh.resume()
+        if self.vnc is not None:
+            self.vnc.resume()
         self.start()
 
     async def announce_now(self) -> None:
@@ -468,6 +495,8 @@ class DomainR:
             "console_port": self.console_port, "sessions": sessions,
             "closed_sessions": self.closed_sessions, "left_behind": self.left_behind,
             "ssh_sessions": self.ssh.status() if self.ssh is not None else [],
+            "vnc_sessions": self.vnc.status() if self.vnc is not None else [],
+            "vnc_keys": self.vnc.keys if self.vnc is not None else 0,
             "last_move": {
                 "sessions": self.last_move.sessions, "bytes": self.last_move.bytes,
                 "dump_ms": self.last_move.dump_ms, "restore_ms": self.last_move.restore_ms,
@@ -499,6 +528,10 @@ class DomainR:
             self._announcer.close()
         if self.ssh is not None:
             await self.ssh.close()
+        if self.vnc is not None:
+            self.vnc.close()
+        if self.display is not None:
+            self.display.close()
         self.device.close()
         self.phase = Phase.CLOSED
         self.stopped.set()

@@ -66,8 +66,13 @@ class Guest:
         else:
             self.os = GuestOS.boot(self.mem, hostname=args.name)
             port = self._console_frontend_init()
+            self._display_frontend_init()
         _, fds = self.hc.call("evtchn_fds", port=port)
         self.upcall_fd, self.notify_fd = fds
+        self.kbd_fds = self.fb_fds = (-1, -1)
+        if self.os.display is not None:
+            _, self.kbd_fds = self.hc.call("evtchn_fds", port=self.os.display.kbd_port)
+            _, self.fb_fds = self.hc.call("evtchn_fds", port=self.os.display.fb_port)
         self.due: float | None = time.monotonic()  # service once at start: an upcall
         # pending at the pause (its eventfd stayed on the old host) must not be lost
         self.ctl.sendall(b"u")  # up: the agent waits for this
@@ -83,6 +88,24 @@ class Guest:
         self.hc.call("xs_write", path=f"{base}/state", value=str(int(XenbusState.INITIALISED)))
         return int(port)
 
+    def _display_frontend_init(self) -> None:
+        """Xen vkbd and vfb frontends: ports offered to Dom0, published in XenStore."""
+        disp = self.os.display
+        if disp is None:
+            return
+        me, _ = self.hc.call("whoami")
+        kbd, _ = self.hc.call("alloc_unbound", remote=0)
+        fb, _ = self.hc.call("alloc_unbound", remote=0)
+        disp.set_ports(int(kbd), int(fb))
+        for dev, pfn, port in (("vkbd", disp.kbd_pfn, kbd), ("vfb", disp.fb_pfn, fb)):
+            base = f"/local/domain/{me['domid']}/device/{dev}/0"
+            self.hc.call("xs_write", path=f"{base}/page-ref", value=str(pfn))
+            self.hc.call("xs_write", path=f"{base}/event-channel", value=str(port))
+            self.hc.call("xs_write", path=f"{base}/state",
+                         value=str(int(XenbusState.INITIALISED)))
+        self.hc.call("xs_write", path=f"/local/domain/{me['domid']}/device/vfb/0/feature-update",
+                     value="1")
+
     def _service(self) -> None:
         # The console OS works in bounded steps (a line at most); run steps until it
         # makes no progress, then tell Domain R once.
@@ -93,6 +116,8 @@ class Guest:
             progress = True
         if progress:
             os.eventfd_write(self.notify_fd, 1)
+        if self.os.display is not None and self.os.display.service_keyboard():
+            os.eventfd_write(self.fb_fds[1], 1)  # the screen changed: tell the vfb backend
 
     def _pause(self) -> bool:
         """Stopped at a clean point; all state is in memory. False: told to exit."""
@@ -112,6 +137,9 @@ class Guest:
         sel = selectors.DefaultSelector()
         sel.register(self.upcall_fd, selectors.EVENT_READ, "upcall")
         sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+        for fd in (self.kbd_fds[0], self.fb_fds[0]):
+            if fd >= 0:
+                sel.register(fd, selectors.EVENT_READ, ("upcall", fd))
         next_work = time.monotonic()
         pages_per_tick = self.dirty_rate * WORKLOAD_TICK
         carry = 0.0
@@ -124,9 +152,10 @@ class Guest:
                 timeout = min(timeout if timeout is not None else WORKLOAD_TICK,
                               max(0.0, next_work - now))
             for key, _ in sel.select(timeout):
-                if key.data == "upcall":
+                if key.data == "upcall" or isinstance(key.data, tuple):
+                    fd = self.upcall_fd if key.data == "upcall" else key.data[1]
                     with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self.upcall_fd)
+                        os.eventfd_read(fd)
                     if self.due is None:
                         self.due = time.monotonic() + self.delay
                 else:

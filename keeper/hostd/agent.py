@@ -203,7 +203,7 @@ class HostAgent:
                 "state": entry.state, "pid": entry.proc.pid if entry.proc else None,
                 "link_up": await asyncio.to_thread(
                     placement.link_is_up, self.spec, self.host.name, entry.name),
-                "services": {"console": 2323, "ssh": 22} if entry.r_domid is not None
+                "services": {"console": 2323, "ssh": 22, "vnc": 5900} if entry.r_domid is not None
                 else {"console": 2323},
             }
             if entry.state != "moving":

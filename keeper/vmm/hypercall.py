@@ -95,7 +95,8 @@ class HypercallServer:
             return {"domid": me, "name": dom.name, "kind": dom.kind.value,
                     "managed": dom.managed, "host": hv.host}, [], False
         if op == "map":
-            fd = hv.map_page(me, int(req["domid"]), int(req["pfn"]), bool(req["writable"]))
+            fd = hv.map_page(me, int(req["domid"]), int(req["pfn"]), bool(req["writable"]),
+                             count=int(req.get("count", 1)))
             return {"pfn": req["pfn"]}, [fd], True
         if op == "unmap":
             hv.unmap_page(me, int(req["pfn"]))

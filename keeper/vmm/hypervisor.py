@@ -143,10 +143,12 @@ class Hypervisor:
 
     # -- grants ------------------------------------------------------------------------
 
-    def map_page(self, r_domid: int, u_domid: int, pfn: int, writable: bool) -> int:
-        """Domain R maps page `pfn` of Domain U. Returns a new fd to mmap at pfn*4096:
-        the memfd itself if writable, a read-only reopen of it otherwise (so a
-        read-only grant cannot be written, as the MMU would enforce)."""
+    def map_page(self, r_domid: int, u_domid: int, pfn: int, writable: bool,
+                 count: int = 1) -> int:
+        """Domain R maps `count` pages of Domain U from `pfn` on. Returns a new fd to
+        mmap at pfn*4096: the memfd itself if writable, a read-only reopen of it
+        otherwise (so a read-only grant cannot be written, as the MMU would enforce).
+        Every page is recorded, as a grant each."""
         with self.lock:
             r = self.domain(r_domid)
             if r.kind is not Kind.R:
@@ -155,9 +157,11 @@ class Hypervisor:
                 raise KeeperError(f"Domain R {r.name} ({r_domid}) may not map pages of domain "
                                   f"{u_domid}: it manages {r.managed}")
             u = self.domain(u_domid)
-            if not 0 <= pfn < u.pages:
-                raise KeeperError(f"domain {u_domid} has no page {pfn} (it has {u.pages})")
-            r.mapped[pfn] = r.mapped.get(pfn, False) or writable
+            if count < 1 or not 0 <= pfn <= pfn + count - 1 < u.pages:
+                raise KeeperError(f"domain {u_domid} has no page {pfn + count - 1} "
+                                  f"(it has {u.pages})")
+            for p in range(pfn, pfn + count):
+                r.mapped[p] = r.mapped.get(p, False) or writable
             flags = os.O_RDWR if writable else os.O_RDONLY
             return os.open(f"/proc/self/fd/{u.mem_fd}", flags | os.O_CLOEXEC)
 

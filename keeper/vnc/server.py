@@ -1,0 +1,299 @@
+"""The VNC service of a Domain R: RFB sessions on the guest's keyboard and screen.
+
+Each connection is a sans-I/O `RfbServer` (keeper.vnc.rfb) driven by a thin adapter
+on the event loop's reader/writer callbacks, with our own send, so every byte is
+either in the core's state, in `out` (ours) or in the kernel's send queue (TCP
+repair): a session can be checkpointed at any instant. Several viewers may watch
+and type at once (shared sessions); each gets the damage the guest announces.
+
+A malformed message from a viewer closes that viewer's connection (with the RFB
+failure reason where the protocol has one); nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from keeper.errors import ProtocolError
+from keeper.net import tcprepair
+from keeper.net.tcprepair import TcpRepairRecord
+from keeper.vnc import rfb
+from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
+
+log = logging.getLogger("keeper.vnc")
+
+VNC_PORT = 5900
+RECV_CHUNK = 65536
+
+
+@dataclass(slots=True)
+class VncSessionState:
+    """A VNC session in a checkpoint, besides its TCP socket."""
+
+    id: int
+    rfb: rfb.RfbState
+    out: bytes = b""  # produced, not yet taken by the kernel
+    damage: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class VncCheckpoint:
+    session: VncSessionState
+    tcp: TcpRepairRecord
+
+
+class Display:
+    """What VNC needs from the display backend (keeper.domr.display.DisplayBackend)."""
+
+    width: int
+    height: int
+    read: Callable[[int, int, int, int], bytes]
+    key: Callable[[int, bool], None]
+    pointer: Callable[[int, int], None]
+
+
+class VncConn:
+    def __init__(self, host: VncHost, sock: socket.socket, state: VncSessionState,
+                 core: rfb.RfbServer) -> None:
+        self.host, self.sock, self.state, self.core = host, sock, state, core
+        self._reading = self._writing = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.host.loop
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self._want(read=True, write=bool(self.state.out))
+        self.maybe_update()
+        self.flush()
+
+    def stop(self) -> None:
+        self._want(read=False, write=False)
+
+    def _want(self, *, read: bool, write: bool) -> None:
+        if self.sock.fileno() < 0:
+            return
+        fd = self.sock.fileno()
+        if read != self._reading:
+            (self.loop.add_reader(fd, self._on_readable) if read
+             else self.loop.remove_reader(fd))
+            self._reading = read
+        if write != self._writing:
+            (self.loop.add_writer(fd, self.flush) if write else self.loop.remove_writer(fd))
+            self._writing = write
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"recv: {exc}")
+            return
+        if not data:
+            self.close("viewer closed")
+            return
+        try:
+            events = self.core.receive_data(data)
+        except rfb.RfbError as exc:
+            self._handle(exc.events)  # what came before the bad message still counts
+            self.state.out += self.core.data_to_send()  # the failure reason, if any
+            self.flush()
+            self.close(f"protocol error ({exc.fault}): {exc}")
+            return
+        self._handle(events)
+        self.flush()
+
+    def _handle(self, events: list[rfb.Event]) -> None:
+        disp = self.host.display
+        for event in events:
+            if isinstance(event, rfb.KeyEvent):
+                keys = keysym_to_keys(event.keysym)
+                if keys is None:
+                    continue
+                code, shift = keys
+                try:
+                    if event.down:
+                        if shift:
+                            disp.key(KEY_LEFTSHIFT, True)
+                        disp.key(code, True)
+                        if shift:
+                            disp.key(KEY_LEFTSHIFT, False)
+                    else:
+                        disp.key(code, False)
+                except ProtocolError:
+                    raise
+                except Exception as exc:  # the guest's ring full: this key is refused
+                    log.warning("key dropped: %s", exc)
+                self.host.keys += int(event.down)
+            elif isinstance(event, rfb.PointerEvent):
+                with contextlib.suppress(Exception):
+                    disp.pointer(event.x, event.y)
+            elif isinstance(event, rfb.UpdateRequested) and not event.incremental:
+                self.state.damage.append([event.x, event.y, event.w, event.h])
+        self.maybe_update()
+
+    def damage(self, rects: list[tuple[int, int, int, int]]) -> None:
+        self.state.damage.extend([list(r) for r in rects])
+        self.maybe_update()
+        self.flush()
+
+    def maybe_update(self) -> None:
+        """Answer a pending update request when there is something to show."""
+        if self.sock.fileno() < 0 or not self.core.wants_update() or not self.state.damage:
+            return
+        if len(self.state.out) > 4 << 20:
+            return  # the viewer is behind: let it catch up before more frames
+        rects = [rfb.Rect(*r) for r in _merge(self.state.damage)]
+        self.state.damage = []
+        self.core.send_update(self.host.display, rects)  # type: ignore[arg-type]
+        self.host.frames += 1
+
+    def flush(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        self.state.out += self.core.data_to_send()
+        while self.state.out:
+            try:
+                n = self.sock.send(memoryview(self.state.out)[: 1 << 20])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.close(f"send: {exc}")
+                return
+            self.state.out = self.state.out[n:]
+        self._want(read=self._reading or True, write=bool(self.state.out))
+        if not self.state.out:
+            self.maybe_update()
+
+    def close(self, why: str) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.host.conns.pop(self.state.id, None)
+        log.info("vnc session %d closed: %s", self.state.id, why)
+
+
+def _merge(rects: list[list[int]]) -> list[tuple[int, int, int, int]]:
+    """Few large rectangles beat many small ones: one bounding box per update."""
+    x0 = min(r[0] for r in rects)
+    y0 = min(r[1] for r in rects)
+    x1 = max(r[0] + r[2] for r in rects)
+    y1 = max(r[1] + r[3] for r in rects)
+    return [(x0, y0, x1 - x0, y1 - y0)]
+
+
+class VncHost:
+    def __init__(self, display: Display, ip: str, name: str, *, port: int = VNC_PORT) -> None:
+        self.display, self.ip, self.name, self.port = display, ip, name, port
+        self.conns: dict[int, VncConn] = {}
+        self.listener: socket.socket | None = None
+        self.loop = asyncio.get_running_loop()
+        self._accepting = False
+        self._next_id = 1
+        self._incoming: list[tuple[VncSessionState, socket.socket]] = []
+        self.keys = self.frames = 0
+
+    def bind(self) -> None:
+        if self.listener is None:
+            ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind((self.ip, self.port))
+            ls.listen(64)
+            ls.setblocking(False)
+            self.listener = ls
+
+    def start(self) -> None:
+        self.bind()
+        assert self.listener is not None
+        if not self._accepting:
+            self.loop.add_reader(self.listener.fileno(), self._accept_ready)
+            self._accepting = True
+
+    def stop(self) -> None:
+        """Quiesce: no accepting, no reading or writing on any session."""
+        if self._accepting and self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+        self._accepting = False
+        for conn in self.conns.values():
+            conn.stop()
+
+    def _accept_ready(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            core = rfb.RfbServer(width=self.display.width, height=self.display.height,
+                                 name=self.name)
+            core.connection_made()
+            state = VncSessionState(id=self._next_id, rfb=core.state)
+            self._next_id += 1
+            conn = VncConn(self, sock, state, core)
+            self.conns[state.id] = conn
+            conn.start()
+
+    def damage(self, rects: list[tuple[int, int, int, int]]) -> None:
+        for conn in list(self.conns.values()):
+            conn.damage(rects)
+
+    # -- moving ---------------------------------------------------------------------------
+
+    def checkpoint(self) -> list[VncCheckpoint]:
+        out = []
+        for conn in list(self.conns.values()):
+            conn.state.out += conn.core.data_to_send()
+            conn.state.rfb = conn.core.state
+            out.append(VncCheckpoint(session=conn.state, tcp=tcprepair.dump(conn.sock)))
+        return out
+
+    def resume_in_place(self) -> None:
+        for conn in list(self.conns.values()):
+            with contextlib.suppress(Exception):
+                tcprepair.leave_repair(conn.sock, window_probe=True)
+            conn.start()
+
+    def release(self) -> None:
+        for conn in list(self.conns.values()):
+            tcprepair.release(conn.sock)
+        self.conns.clear()
+
+    def restore(self, items: list[VncCheckpoint]) -> None:
+        for item in items:
+            restored = tcprepair.restore(item.tcp)
+            item.session.out = restored.resend + item.session.out
+            self._incoming.append((item.session, restored.sock))
+            self._next_id = max(self._next_id, item.session.id + 1)
+
+    def resume(self) -> None:
+        incoming, self._incoming = self._incoming, []
+        for state, sock in incoming:
+            tcprepair.leave_repair(sock, window_probe=True)
+            core = rfb.RfbServer(width=0, height=0, name=self.name, state=state.rfb)
+            conn = VncConn(self, sock, state, core)
+            self.conns[state.id] = conn
+        for conn in self.conns.values():
+            conn.start()
+
+    def status(self) -> list[dict[str, object]]:
+        return [{"id": c.state.id, "phase": c.core.phase.value, "out": len(c.state.out)}
+                for c in self.conns.values()]
+
+    def close(self) -> None:
+        if self.listener is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.conns.values()):
+            conn.close("Domain R shutting down")
