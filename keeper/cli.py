@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="lab up, a guest, typing while it migrates back and "
                        "forth, summary, clean up")
     p.add_argument("--migrations", type=int, default=10)
-    p.add_argument("--rms", choices=["console", "ssh"], default="console",
-                   help="remote-management session to type through: raw console or SSH")
+    p.add_argument("--rms", choices=["console", "ssh", "vnc"], default="console",
+                   help="remote-management session to type through: raw console, SSH "
+                   "or VNC")
     p.add_argument("--mem-mb", type=int, default=256, help="the guest's memory (MiB)")
     p.add_argument("--dirty-rate", type=float, default=2000.0,
                    help="pages the guest's background workload dirties per second")

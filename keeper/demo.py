@@ -28,6 +28,7 @@ from keeper.lab import ops, topology
 from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
+from keeper.vnc.client import VncTypist
 
 GUEST = "guest1"
 
@@ -38,8 +39,14 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
-async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path, say: Any) -> Typist:
+async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
+                  say: Any) -> Typist | VncTypist:
     prompt = f"{GUEST}:~$ ".encode()
+    if rms == "vnc":
+        say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:5900")
+        say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:5900   "
+            "(any VNC viewer; see the README)")
+        return await VncTypist.connect(spec.client_ns, (ip, 5900))
     if rms == "console":
         say(f"{GUEST}'s console through Domain R at {ip}:2323 (raw TCP)")
         say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} 2323")
@@ -97,7 +104,7 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
         stats = await typing
     server_retrans.append(await ops.server_retransmits(spec))
     exit_status = None
-    if isinstance(typist.link, SshLink):
+    if isinstance(typist, Typist) and isinstance(typist.link, SshLink):
         typist.stats.retransmits = typist.link.retransmits()
         exit_status = await typist.link.finish()
         stderr = typist.link.stderr()
@@ -119,6 +126,7 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
         "reconnects": 1 if stats.errors else 0,
         "errors": stats.errors,
         "echo_mismatches": stats.mismatches,
+        "vnc_updates": getattr(stats, "updates", None),
         "retransmits_client": stats.retransmits,
         "retransmits_server": retrans_server,
         "pause_ms_max": round(stats.pause_ms_max, 3),

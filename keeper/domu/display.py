@@ -147,8 +147,39 @@ class Display:
                 typed.append(ch)
         if typed:
             self.gos._journal.append(bytes(typed))
+            if self._get(SC_SAVER_ON):  # a key ends the screensaver, like any other
+                self._set(SC_SAVER_ON, 0)
+                self.redraw()
             self.write(self.gos._line_discipline(bytes(typed), self.tty))
         return True
+
+    # -- the screensaver: the whole screen redrawn, frame after frame -------------------
+
+    @property
+    def saver_on(self) -> bool:
+        return bool(self._get(SC_SAVER_ON))
+
+    def start_saver(self) -> None:
+        self._set(SC_SAVER_ON, 1)
+
+    def saver_step(self) -> None:
+        """One frame: every pixel changes (the paper's VNC throughput workload)."""
+        n = self._get(SC_SAVER) + 1
+        self._set(SC_SAVER, n)
+        y = np.arange(HEIGHT, dtype=np.uint32)[:, None]
+        x = np.arange(WIDTH, dtype=np.uint32)[None, :]
+        frame = np.empty((HEIGHT, WIDTH, 4), dtype=np.uint8)
+        frame[:, :, 0] = (x + n * 3) & 0xFF
+        frame[:, :, 1] = (y + n * 5) & 0xFF
+        frame[:, :, 2] = ((x ^ y) + n * 7) & 0xFF
+        frame[:, :, 3] = 0
+        self.mem.write(self.fb_offset(), frame.tobytes())
+        self.announce(0, 0, WIDTH, HEIGHT)
+
+    def redraw(self) -> None:
+        chars = self.mem.read(self.screen + SC_CHARS, COLS * ROWS)
+        self.render(chars, 0, ROWS - 1)
+        self.announce(0, 0, WIDTH, HEIGHT)
 
     # -- the screen ------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from keeper.vmm.xenstore import XenbusState
 log = logging.getLogger("keeper.domu")
 CLONE_NEWNET = 0x40000000
 WORKLOAD_TICK = 0.01
+SAVER_FRAME = 0.02  # the screensaver's frame period (at most 50 frames/s)
 
 
 def _no_network() -> None:
@@ -169,6 +170,11 @@ class Guest:
             if self.due is not None and now >= self.due:
                 self.due = None
                 self._service()
+            disp = self.os.display
+            if disp is not None and disp.saver_on and self.due is None:
+                disp.saver_step()
+                os.eventfd_write(self.fb_fds[1], 1)
+                self.due = now + SAVER_FRAME  # the next frame, unless an event comes first
             if pages_per_tick and now >= next_work:
                 carry += pages_per_tick
                 n = int(carry)
