@@ -328,6 +328,13 @@ class HostAgent:
             doc["journal"] = doc["journal"].hex()
             return web.json_response(doc)
 
+        @routes.get("/guest/{name}/screen")
+        @guarded
+        async def screen(request: web.Request) -> web.StreamResponse:
+            pixels = self.guests.screen(request.match_info["name"])
+            return web.Response(body=pixels, content_type="application/octet-stream",
+                                headers={"X-Keeper-Geometry": "800x600x32 BGRX"})
+
         @routes.post("/guest/{name}/migrate")
         @guarded
         async def migrate_guest(request: web.Request) -> web.StreamResponse:

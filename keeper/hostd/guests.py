@@ -157,6 +157,18 @@ class Guests:
         entry.hc_u.close()
         self.hv.destroy(entry.u.domid)
 
+    def screen(self, name: str) -> bytes:
+        """The guest's framebuffer (BGRX, 800x600), read from its memory."""
+        from keeper.domu.guestos import GuestOS
+        from keeper.domu.memory import GuestMemory
+
+        entry = self.get(name)
+        assert entry.u.mem is not None
+        gos = GuestOS.attach(GuestMemory(entry.u.mem, None))
+        if gos.display is None:
+            raise KeeperError(f"guest {name} has no display")
+        return gos.display.pixels()
+
     def journal(self, name: str) -> dict[str, object]:
         from keeper.domu.guestos import GuestOS
         from keeper.domu.memory import GuestMemory

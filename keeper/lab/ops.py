@@ -157,6 +157,17 @@ async def create_guest(spec: LabSpec, name: str, host: str, *, index: int | None
         "announce": announce})
 
 
+async def screen(spec: LabSpec, name: str) -> bytes:
+    """The guest's framebuffer as its memory holds it (800x600, BGRX)."""
+    host = await where(spec, name)
+    http = agent(spec, host)
+    try:
+        body, _ = await http.request("GET", f"/guest/{name}/screen")
+    finally:
+        await http.close()
+    return body
+
+
 async def journal(spec: LabSpec, name: str) -> dict[str, Any]:
     host = await where(spec, name)
     doc = await call(spec, host, "GET", f"/guest/{name}/journal")

@@ -1,0 +1,30 @@
+"""Run by tests/vnc/test_vnc_lab.py inside the lab's client namespace: vncdotool (a
+real third-party VNC client) types TEXT slowly, then saves the screen it received."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from vncdotool import api
+
+
+def main(addr: str, text: str, out: str, period: float) -> int:
+    client = api.connect(addr, timeout=20)
+    try:
+        client.refreshScreen()
+        for ch in text:
+            client.keyPress("enter" if ch == "\r" else ch)
+            time.sleep(period)
+        time.sleep(1.0)
+        client.refreshScreen()
+        client.captureScreen(out)
+    finally:
+        client.disconnect()
+        api.shutdown()
+    print("typed", len(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])))
