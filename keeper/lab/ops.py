@@ -71,7 +71,7 @@ async def status(spec: LabSpec) -> dict[str, Any]:
     hosts = []
     for h in spec.hosts:
         try:
-            hosts.append(await call(spec, h.name, "GET", "/status", timeout=5))
+            hosts.append(await call(spec, h.name, "GET", "/status", timeout=10))
         except KeeperError as exc:
             hosts.append({"host": h.name, "mgmt_ip": h.mgmt_ip, "netns": h.ns,
                           "error": str(exc), "domrs": []})
