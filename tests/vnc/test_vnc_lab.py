@@ -34,7 +34,7 @@ async def test_vncdotool_types_through_migrations_and_sees_the_guests_screen(
         preexec_fn=lambda: netns.enter(lab.client_ns))
     await asyncio.sleep(1.5)  # vncdotool is typing
     traces = [await ops.migrate(lab, GUEST, h) for h in ("b", "a", "b")]
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert all(t["trace_ok"] for t in traces)
     # every key reached the guest once, in order, with no reconnect of the viewer
