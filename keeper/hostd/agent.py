@@ -41,7 +41,7 @@ from keeper.hostd.guests import Guests
 from keeper.lab import placement, procs, sshkeys
 from keeper.lab.topology import AGENT_PORT, HostSpec, LabSpec
 from keeper.migrate import mm_r, pagestream
-from keeper.migrate.coordinator import CoMigration
+from keeper.migrate.coordinator import CoMigration, SoloMigration
 from keeper.vmm.hypercall import HypercallServer
 from keeper.vmm.hypervisor import Hypervisor
 
@@ -64,6 +64,8 @@ class DomrEntry:
     created: float = field(default_factory=time.time)
     r_domid: int | None = None  # its domain in the hypervisor (guest consoles only)
     hc: HypercallServer | None = None
+    baseline: bool = False  # the conventional set-up: the servers run in Dom0 (this agent's
+    # namespace, the host's address) and do not move; see keeper.migrate.coordinator
 
 
 class HostAgent:
@@ -115,7 +117,7 @@ class HostAgent:
 
     async def start_domr(self, name: str, ip: str, mac: str, *, restore: bool,
                          announce: bool = True, announce_schedule: str = "0,20,100,300",
-                         guest: bool = False) -> DomrEntry:
+                         guest: bool = False, baseline: bool = False) -> DomrEntry:
         """Place and start a Domain R. With `guest`, it is a domain of the hypervisor with
         a hypercall channel and serves the console of guest `name` (on a restore the
         association comes later, at S1)."""
@@ -127,11 +129,13 @@ class HostAgent:
             r_domid = self.hv.create_domain_r(name, managed=managed).domid
             hc = HypercallServer(self.hv, r_domid, self.spec.rundir /
                                  f"hc-{name}-r-{self.host.name}.sock")
-        log.info("placing Domain R %s (%s %s)", name, ip, mac)
-        ns = await asyncio.to_thread(
-            placement.place, self.spec, self.host.name, name, ip, mac, link_up=not restore
-        )
-        log.info("placed Domain R %s in %s", name, ns)
+        if baseline:  # Dom0-hosted servers: on the host's own address, nothing to place
+            ns, ip, announce = self.host.ns, self.host.mgmt_ip, False
+        else:
+            log.info("placing Domain R %s (%s %s)", name, ip, mac)
+            ns = await asyncio.to_thread(
+                placement.place, self.spec, self.host.name, name, ip, mac, link_up=not restore
+            )
         path = self.spec.domr_control(name, self.host.name)
         argv = ["domr", "run", "--name", name, "--ip", ip, "--mac", mac, "--netns", ns,
                 "--control", str(path)]
@@ -149,7 +153,7 @@ class HostAgent:
         proc = procs.spawn(self.spec.rundir, self.label(name), argv)
         entry = DomrEntry(name, ip, mac, ns, Http(unix=str(path), timeout=10), proc,
                           announce=announce, announce_schedule=announce_schedule,
-                          r_domid=r_domid, hc=hc)
+                          r_domid=r_domid, hc=hc, baseline=baseline)
         self.domrs[name] = entry
         try:
             await self._wait_ready(entry, path)
@@ -185,7 +189,8 @@ class HostAgent:
             entry.hc.close()
         if entry.r_domid is not None:
             self.hv.destroy(entry.r_domid)
-        await asyncio.to_thread(placement.remove, self.spec, self.host.name, name)
+        if not entry.baseline:
+            await asyncio.to_thread(placement.remove, self.spec, self.host.name, name)
 
     async def stop_domr(self, name: str) -> None:
         entry = self.domr(name)
@@ -201,8 +206,9 @@ class HostAgent:
             item: dict[str, object] = {
                 "name": entry.name, "ip": entry.ip, "mac": entry.mac, "netns": entry.ns,
                 "state": entry.state, "pid": entry.proc.pid if entry.proc else None,
-                "link_up": await asyncio.to_thread(
+                "link_up": None if entry.baseline else await asyncio.to_thread(
                     placement.link_is_up, self.spec, self.host.name, entry.name),
+                "baseline": entry.baseline,
                 "services": {"console": 2323, "ssh": 22, "vnc": 5900} if entry.r_domid is not None
                 else {"console": 2323},
             }
@@ -303,12 +309,12 @@ class HostAgent:
                                           announce=body.get("announce", True),
                                           announce_schedule=body.get("announce_schedule",
                                                                      "0,20,100,300"),
-                                          guest=True)
+                                          guest=True, baseline=body.get("mode") == "baseline")
                 except BaseException:
                     await self.guests.destroy(name)
                     raise
             return web.json_response({"name": name, "host": self.host.name,
-                                      "domid": entry.u.domid, "ip": body["ip"],
+                                      "domid": entry.u.domid, "ip": self.domrs[name].ip,
                                       "mac": body["mac"]})
 
         @routes.delete("/guest/{name}")
@@ -348,7 +354,8 @@ class HostAgent:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
             lines: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
-            co = CoMigration(self, name, target, progress=lines.put_nowait)
+            kind = SoloMigration if self.domr(name).baseline else CoMigration
+            co = kind(self, name, target, progress=lines.put_nowait)
 
             async def drive() -> None:
                 try:
@@ -438,10 +445,33 @@ class HostAgent:
             self.fault("evtchns")
             r = self.domr(name)
             assert r.r_domid is not None
-            pairs = [(int(a), int(b)) for a, b in (await request.json())["pairs"]]
+            body = await request.json()
+            pairs = [(int(a), int(b)) for a, b in body["pairs"]]
             self.hv.restore_evtchns(r.r_domid, entry.u.domid, pairs)  # S6
             entry.evtchns_ready = True
             return web.json_response({"pairs": pairs})
+
+        @peer_routes.post("/peer/guest/{name}/solo-evtchns")
+        @guarded
+        async def solo_evtchns(request: web.Request) -> web.StreamResponse:
+            """The baseline: U's ports come back unbound (offered to Dom0), and the
+            toolstack re-creates U's XenStore entries so fresh backends can find it."""
+            entry = self.guests.get(request.match_info["name"])
+            body = await request.json()
+            for port in body["unbound"]:
+                self.hv.evtchn.alloc_unbound(entry.u.domid, 0, port=int(port))
+            for rel, value in body["xenstore"].items():
+                self.hv.xs_write(0, f"/local/domain/{entry.u.domid}/{rel}", value)
+            entry.evtchns_ready = True
+            return web.json_response({"ports": body["unbound"]})
+
+        @peer_routes.post("/peer/guest/{name}/baseline-server")
+        @guarded
+        async def baseline_server(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            entry = await self.start_domr(name, self.host.mgmt_ip, "00:00:00:00:00:00",
+                                          restore=False, guest=True, baseline=True)
+            return web.json_response({"ip": entry.ip})
 
         @peer_routes.post("/peer/guest/{name}/resume")
         @guarded

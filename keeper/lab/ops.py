@@ -147,14 +147,17 @@ async def migrate(spec: LabSpec, dom: str, to: str,
 
 async def create_guest(spec: LabSpec, name: str, host: str, *, index: int | None = None,
                        mem_mb: int = 256, event_delay_ms: float = 0.0,
-                       dirty_rate: float = 0.0, announce: bool = True) -> dict[str, Any]:
+                       dirty_rate: float = 0.0, announce: bool = True,
+                       mode: str = "keeper") -> dict[str, Any]:
+    """A guest pair: Domain U + its Domain R (mode "keeper"), or Domain U with its
+    servers in Dom0 on the host's address (mode "baseline", the conventional set-up)."""
     if index is None:
         used = {d["ip"] for d in (await status(spec))["domains"]}
         index = next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
     return await call(spec, host, "POST", "/guest", timeout=60, json={
         "name": name, "ip": spec.domr_ip(index), "mac": spec.domr_mac(index),
         "mem_mb": mem_mb, "event_delay_ms": event_delay_ms, "dirty_rate": dirty_rate,
-        "announce": announce})
+        "announce": announce, "mode": mode})
 
 
 async def screen(spec: LabSpec, name: str) -> bytes:

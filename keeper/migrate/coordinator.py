@@ -142,25 +142,7 @@ class CoMigration:
         self.trace.mark("U created on target")
         s.set("U created")
         # pre-copy: round 1 sends every page, later rounds what was dirtied meanwhile
-        hv.mark_all_dirty(g.u.domid)
-        sent_pages, rnd = 0, 0
-        while True:
-            rnd += 1
-            pfns = hv.collect_dirty(g.u.domid)
-            await self._send_pages(pfns, rnd)
-            sent_pages += len(pfns)
-            pending = int(np.count_nonzero(g.u.dirty_view()))
-            self._say("pre-copy", round=rnd, pages=len(pfns), dirty_now=pending)
-            converged = pending <= self.policy.min_dirty_pages
-            if not converged and (rnd >= self.policy.max_rounds or sent_pages >= (
-                    self.policy.max_sent_factor * g.u.pages)):
-                break  # not converging: stop here and wait for MM_R
-            if converged:
-                s.set("U ready for final")
-                if s.event("R ready for final").is_set():
-                    break
-                # S2: keep iterating until both are ready, so the final copy stays small
-                await asyncio.sleep(ROUND_PAUSE)
+        await self._precopy(other="R ready for final")
         s.set("U ready for final")
         await s.wait("R ready for final", "MM_R to be ready for the final stage (S2)")
         s.mark("S2")
@@ -183,6 +165,33 @@ class CoMigration:
         await self.peer.call("POST", f"/peer/guest/{self.name}/resume")
         self.trace.mark("U resumed")
         s.set("U resumed")
+
+    async def _precopy(self, other: str | None) -> None:
+        """Pre-copy rounds: every page first, then what the guest dirtied meanwhile,
+        until few dirty pages remain (or too many rounds, or too much sent). With
+        `other` (S2), converged rounds go on until that barrier is set as well."""
+        g, hv, s = self.guest, self.agent.hv, self.sync
+        hv.mark_all_dirty(g.u.domid)
+        sent_pages, rnd = 0, 0
+        while True:
+            rnd += 1
+            pfns = hv.collect_dirty(g.u.domid)
+            await self._send_pages(pfns, rnd)
+            sent_pages += len(pfns)
+            pending = int(np.count_nonzero(g.u.dirty_view()))
+            self._say("pre-copy", round=rnd, pages=len(pfns), dirty_now=pending)
+            converged = pending <= self.policy.min_dirty_pages
+            if not converged and (rnd >= self.policy.max_rounds or sent_pages >= (
+                    self.policy.max_sent_factor * g.u.pages)):
+                return  # not converging: stop here
+            if converged:
+                if other is None:
+                    return
+                s.set("U ready for final")
+                if s.event(other).is_set():
+                    return
+                # S2: keep iterating until both are ready, so the final copy stays small
+                await asyncio.sleep(ROUND_PAUSE)
 
     async def _send_pages(self, pfns: np.ndarray, rnd: int, *, final: bool = False) -> None:
         mem = memoryview(self.guest.u.mem)  # type: ignore[arg-type]
@@ -292,3 +301,70 @@ def _first(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+class SoloMigration(CoMigration):
+    """The conventional baseline the paper compares against: the guest's servers run
+    in Dom0 (the host agent's namespace, the host's address) and do not move. Domain
+    U migrates alone; its servers on the source are stopped (clients are cut off),
+    and fresh ones start on the target, which the clients must find and reconnect to.
+    The same protocol code serves both; only where it runs differs."""
+
+    async def run(self) -> dict[str, Any]:
+        g, hv, agent = self.guest, self.agent.hv, self.agent
+        self.guest.state = self.domr.state = "moving"
+        self.trace.mark("start")
+        servers_stopped = False
+        try:
+            await self.peer.call("POST", f"/peer/guest/{self.name}/incoming", json=g.spec())
+            self.trace.mark("U created on target")
+            await self._precopy(other=None)
+            await agent.stop_domr(self.name)  # the sessions end here
+            servers_stopped = True
+            self.trace.mark("servers stopped")
+            await agent.guests.pause(g)
+            self.u_paused = True
+            self.trace.mark("U stopped")
+            await self._send_pages(hv.collect_dirty(g.u.domid), len(self.rounds) + 1,
+                                   final=True)
+            prefix = f"/local/domain/{g.u.domid}/"
+            xs = {k[len(prefix):]: v for k, v in hv.xenstore.subtree(prefix[:-1]).items()
+                  if "/device/" in k or "/console/" in k}
+            await self.peer.call("POST", f"/peer/guest/{self.name}/solo-evtchns",
+                                 json={"unbound": hv.ports_of(g.u.domid), "xenstore": xs})
+            await self.peer.call("POST", f"/peer/guest/{self.name}/resume")
+            self.trace.mark("U resumed")
+        except BaseException as exc:
+            try:
+                await self.peer.call("POST", f"/peer/guest/{self.name}/cancel", timeout=10)
+            except KeeperError as cancel:
+                log.warning("rollback: cancel: %s", cancel)
+            if self.u_paused:
+                await agent.guests.unpause(g)
+            if servers_stopped:  # the guest stays: so do its servers, freshly started
+                try:
+                    await agent.start_domr(self.name, agent.host.mgmt_ip,
+                                           "00:00:00:00:00:00", restore=False, guest=True,
+                                           baseline=True)
+                except KeeperError as again:
+                    log.error("rollback: servers did not come back: %s", again)
+            g.state = "running"
+            if not isinstance(exc, Exception):
+                raise
+            raise MigrationError(f"migration of {self.name} to {self.target} failed, it "
+                                 f"stays on {agent.host.name}: {exc}") from exc
+        # The guest runs on the target: start its servers there; drop it here.
+        await self.peer.call("POST", f"/peer/guest/{self.name}/baseline-server")
+        self.trace.mark("servers started")
+        await agent.guests.destroy(self.name)
+        self.trace.mark("source released")
+        t = self.trace
+        out = t.as_dict()
+        out.update(rounds=self.rounds, bytes_sent=self.bytes_sent, sync_points=[],
+                   trace_ok=True, mode="baseline",
+                   downtime_ms={"U": round(t.span("U stopped", "U resumed"), 3),
+                                "servers": round(t.span("servers stopped",
+                                                        "servers started"), 3)},
+                   total_ms=round(t.span("start", "servers started"), 3),
+                   mem_bytes=g.u.pages * 4096)
+        return out

@@ -109,10 +109,19 @@ class EventChannels:
         return sorted(out)
 
     def close_domain(self, domid: int) -> None:
+        """A domain goes away. Channels it allocated go with it; where it was the
+        binder, the allocator's port becomes unbound again (as in Xen), so a new
+        backend can bind it."""
         for key in [k for k, ch in self.channels.items()
                     if any(e.domid == domid for e in ch.ends())]:
-            ch = self.channels.pop(key, None)
+            ch = self.channels.get(key)
             if ch is None:
+                continue
+            if ch.a.domid != domid and ch.b is not None and ch.b.domid == domid:
+                self.channels.pop((ch.b.domid, ch.b.port), None)
+                with contextlib.suppress(OSError):
+                    os.close(ch.b_fd)
+                ch.b, ch.b_fd, ch.state = None, _eventfd(), ChannelState.UNBOUND
                 continue
             for end in ch.ends():
                 self.channels.pop((end.domid, end.port), None)

@@ -219,6 +219,12 @@ class Hypervisor:
         with self.lock:
             return self.evtchn.fds(domid, port)
 
+    def ports_of(self, domid: int) -> list[int]:
+        """Every event-channel port `domid` allocated (its side of each channel)."""
+        with self.lock:
+            return sorted(p for (d, p), ch in self.evtchn.channels.items()
+                          if d == domid and ch.a.domid == domid and ch.a.port == p)
+
     def save_evtchns(self, r_domid: int, u_domid: int) -> list[tuple[int, int]]:
         """S4: the port pairs joining R and U, as [(R's port, U's port)]."""
         with self.lock:
