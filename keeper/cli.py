@@ -107,7 +107,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
     if args.action == "create":
         doc = asyncio.run(ops.create_guest(spec, args.name, args.host, mem_mb=args.mem_mb,
                                            dirty_rate=args.dirty_rate,
-                                           event_delay_ms=args.event_delay_ms))
+                                           event_delay_ms=args.event_delay_ms,
+                                           mode=args.mode))
         print(f"guest {doc['name']} on host {doc['host']}: console through Domain R at "
               f"{doc['ip']}:2323")
         return 0
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mem-mb", type=int, default=256)
     c.add_argument("--dirty-rate", type=float, default=0.0)
     c.add_argument("--event-delay-ms", type=float, default=0.0)
+    c.add_argument("--mode", choices=["keeper", "baseline"], default="keeper",
+                   help="baseline: the conventional set-up, servers in Dom0 (for benches)")
     c.add_argument("--lab", default="keeper")
     c.set_defaults(func=cmd_guest)
     j = gsub.add_parser("journal", help="what the guest's input journal holds")
