@@ -32,6 +32,7 @@ from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
+from keeper.net.listen import listener
 from keeper.net.tcpinfo import tcp_info
 from keeper.ssh.host import QUIESCE_TIMEOUT, SshConfig, SshHost
 from keeper.vnc.server import VncHost
@@ -222,12 +223,7 @@ class DomainR:
         """Bind and listen (not yet accepting). Before any restore: a restored socket
         may share the port with a listener only while it is in repair mode."""
         if self.listener is None:
-            ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind((self.ip, self.console_port))
-            ls.listen(512)
-            ls.setblocking(False)
-            self.listener = ls
+            self.listener = listener(self.ip, self.console_port, backlog=512)
         if self.ssh is not None:
             self.ssh.bind()
         if self.vnc is not None:

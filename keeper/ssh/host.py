@@ -21,6 +21,7 @@ import asyncssh
 from keeper.console.raw import RawSession
 from keeper.errors import NotMovable
 from keeper.net import tcprepair
+from keeper.net.listen import listener
 from keeper.net.tcprepair import Restored, TcpRepairRecord
 from keeper.ssh import movable
 from keeper.ssh.console import LOGIN, ConsoleServer, ConsoleSession, ConsoleSessionState
@@ -102,12 +103,7 @@ class SshHost:
 
     def bind(self) -> None:
         if self.listener is None:
-            ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind((self.ip, self.port))
-            ls.listen(64)
-            ls.setblocking(False)
-            self.listener = ls
+            self.listener = listener(self.ip, self.port)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.bind()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from keeper.errors import ProtocolError
 from keeper.net import tcprepair
+from keeper.net.listen import listener
 from keeper.net.tcprepair import TcpRepairRecord
 from keeper.vnc import rfb
 from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
@@ -202,12 +203,7 @@ class VncHost:
 
     def bind(self) -> None:
         if self.listener is None:
-            ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind((self.ip, self.port))
-            ls.listen(64)
-            ls.setblocking(False)
-            self.listener = ls
+            self.listener = listener(self.ip, self.port)
 
     def start(self) -> None:
         self.bind()
