@@ -131,8 +131,7 @@ async def serve(args: argparse.Namespace) -> int:
         _die_with_parent(True)
         if os.getppid() != args.parent:
             return 1  # the agent is already gone
-    if not args.no_announce:
-        domr.prepare_announcer()
+    domr.prepare_announcer()
     domr.bind()
     if not args.restore:
         domr.start()

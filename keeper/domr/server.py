@@ -33,6 +33,7 @@ from keeper.domr.display import DisplayBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import listener
+from keeper.net.pump import SocketPump
 from keeper.net.tcpinfo import tcp_info
 from keeper.ssh.host import QUIESCE_TIMEOUT, SshConfig, SshHost
 from keeper.vnc.server import VncHost
@@ -40,7 +41,6 @@ from keeper.vnc.server import VncHost
 log = logging.getLogger("keeper.domr")
 
 CONSOLE_PORT = 2323
-RECV_CHUNK = 65536
 SEND_CHUNK = 1 << 20
 
 
@@ -76,7 +76,7 @@ class EchoDevice:
 Device = EchoDevice | ConsoleBackend
 
 
-class Conn:
+class Conn(SocketPump):
     """Asyncio adapter for one session: moves bytes between its socket and its core."""
 
     def __init__(
@@ -85,7 +85,6 @@ class Conn:
     ) -> None:
         self.loop, self.sock, self.state, self.device = loop, sock, state, device
         self._on_close = on_close
-        self._reading = self._writing = False
         self.on_drained: Callable[[], None] | None = None
         self.retransmits_at_start = 0
 
@@ -96,41 +95,14 @@ class Conn:
     def start(self) -> None:
         self.sock.setblocking(False)
         self.device.on_input(self.state)
-        self._flush()
+        self.flush()
 
-    def stop(self) -> None:
-        """Quiesce: no more reads or writes. What was read stays in the core."""
-        self._want(read=False, write=False)
-
-    def _want(self, *, read: bool, write: bool) -> None:
-        if self.sock.fileno() < 0:
-            return
-        if read != self._reading:
-            if read:
-                self.loop.add_reader(self.fd, self._on_readable)
-            else:
-                self.loop.remove_reader(self.fd)
-            self._reading = read
-        if write != self._writing:
-            if write:
-                self.loop.add_writer(self.fd, self._flush)
-            else:
-                self.loop.remove_writer(self.fd)
-            self._writing = write
-
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"recv: {exc}")
-            return
+    def on_data(self, data: bytes) -> None:
         self.state.receive(data)
         self.device.on_input(self.state)
-        self._flush()
+        self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self.sock.fileno() < 0:
             return
         st = self.state
@@ -146,7 +118,7 @@ class Conn:
         if st.finished:
             self.close("client closed")
             return
-        self._want(read=st.wants_input, write=bool(st.pending_out))
+        self.want(read=st.wants_input, write=bool(st.pending_out))
         if self.on_drained is not None and len(st.pending_out) < OUTPUT_HIGH_WATER // 2:
             self.on_drained()
 
@@ -217,7 +189,10 @@ class DomainR:
         """Open the ARP socket now, in our namespace, so resume does not wait for scapy."""
         from keeper.arp import Announcer
 
-        self._announcer = Announcer(self.iface, self.ip, self.mac)
+        try:
+            self._announcer = Announcer(self.iface, self.ip, self.mac)
+        except KeeperError as exc:  # servers in Dom0 (the baseline) have no link of ours
+            log.info("no gratuitous ARP: %s", exc)
 
     def bind(self) -> None:
         """Bind and listen (not yet accepting). Before any restore: a restored socket
@@ -245,7 +220,7 @@ class DomainR:
         """Console output goes to every session (terminals on one serial line)."""
         for conn in list(self.conns.values()):
             conn.state.queue_output(data)
-            conn._flush()
+            conn.flush()
         if self.ssh is not None:
             self.ssh.broadcast(data)
 
@@ -263,7 +238,7 @@ class DomainR:
         for conn in list(self.conns.values()):
             if conn.state.pending_in:
                 self.device.on_input(conn.state)
-                conn._flush()
+                conn.flush()
         if self.ssh is not None:
             self.ssh.retry_inputs()
 

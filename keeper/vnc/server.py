@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from keeper.errors import ProtocolError
 from keeper.net import tcprepair
 from keeper.net.listen import listener
+from keeper.net.pump import SocketPump
 from keeper.net.tcprepair import TcpRepairRecord
 from keeper.vnc import rfb
 from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
@@ -29,7 +30,6 @@ from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
 log = logging.getLogger("keeper.vnc")
 
 VNC_PORT = 5900
-RECV_CHUNK = 65536
 
 
 @dataclass(slots=True)
@@ -58,45 +58,19 @@ class Display:
     pointer: Callable[[int, int], None]
 
 
-class VncConn:
+class VncConn(SocketPump):
     def __init__(self, host: VncHost, sock: socket.socket, state: VncSessionState,
                  core: rfb.RfbServer) -> None:
         self.host, self.sock, self.state, self.core = host, sock, state, core
-        self._reading = self._writing = False
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self.host.loop
+        self.loop = host.loop
 
     def start(self) -> None:
         self.sock.setblocking(False)
-        self._want(read=True, write=bool(self.state.out))
+        self.want(read=True, write=bool(self.state.out))
         self.maybe_update()
         self.flush()
 
-    def stop(self) -> None:
-        self._want(read=False, write=False)
-
-    def _want(self, *, read: bool, write: bool) -> None:
-        if self.sock.fileno() < 0:
-            return
-        fd = self.sock.fileno()
-        if read != self._reading:
-            (self.loop.add_reader(fd, self._on_readable) if read
-             else self.loop.remove_reader(fd))
-            self._reading = read
-        if write != self._writing:
-            (self.loop.add_writer(fd, self.flush) if write else self.loop.remove_writer(fd))
-            self._writing = write
-
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"recv: {exc}")
-            return
+    def on_data(self, data: bytes) -> None:
         if not data:
             self.close("viewer closed")
             return
@@ -169,7 +143,7 @@ class VncConn:
                 self.close(f"send: {exc}")
                 return
             self.state.out = self.state.out[n:]
-        self._want(read=self._reading or True, write=bool(self.state.out))
+        self.want(read=True, write=bool(self.state.out))
         if not self.state.out:
             self.maybe_update()
 
