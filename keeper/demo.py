@@ -138,6 +138,7 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
         "mem_bytes": traces[0]["mem_bytes"] if traces else None,
         "trace_ok": bool(traces) and all(t["trace_ok"] for t in traces),
         "traces": traces,
+        "samples": list(stats.samples),  # (sent at, ms to echo): for the benches
     }
 
 
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         loop.close()
         for line in topology.down(args.lab):
             say(f"  removed {line}")
-    brief = {k: v for k, v in summary.items() if k != "traces"}
+    brief = {k: v for k, v in summary.items() if k not in ("traces", "samples")}
     if args.json:
         print(json.dumps(brief))
     else:

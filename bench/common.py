@@ -1,0 +1,56 @@
+"""What the benches share: labs that clean up after themselves, output files, plots."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from keeper.lab import ops, topology
+from keeper.lab.topology import LabSpec
+
+OUT = Path(__file__).parent / "out"
+
+
+def need_root(name: str) -> None:
+    if os.geteuid() != 0:
+        print(f"{name} needs root (it builds its own lab in network namespaces)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+@contextlib.asynccontextmanager
+async def lab(prefix: str) -> AsyncIterator[LabSpec]:
+    """A fresh lab with a unique name, removed afterwards whatever happens."""
+    name = f"{prefix}{secrets.token_hex(3)}"
+    try:
+        yield await ops.up(name)
+    finally:
+        topology.down(name)
+
+
+def machine() -> dict[str, Any]:
+    return {"kernel": platform.release(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def save(name: str, doc: dict[str, Any], out: Path = OUT) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"bench": name, "machine": machine(), **doc}, indent=1))
+    return path
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

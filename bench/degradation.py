@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""§5.5: how remote management feels while a co-migration runs: key response time
+over time (VNC and SSH, one key every 50 ms), with the migration marked. (The
+paper's second plot, VNC frame rate over time with the screensaver, is not here
+yet: bench/throughput.py measures the frame rate at rest.)
+
+    python bench/degradation.py --mem-mb 2048
+
+Writes bench/out/degradation.json and .png, prints before/during/after means.
+Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from typing import Any
+
+from common import lab, need_root, pyplot, save
+
+from keeper import demo
+from keeper.lab import ops
+
+
+def phases(samples: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
+    def mean(sel: list[float]) -> float:
+        return round(statistics.fmean(sel), 3) if sel else 0.0
+
+    return {"before": mean([v for t, v in samples if t < start]),
+            "during": mean([v for t, v in samples if start <= t <= end]),
+            "after": mean([v for t, v in samples if t > end])}
+
+
+async def response(mem_mb: int, rms: str, settle: float) -> dict[str, Any]:
+    async with lab("dg") as spec:
+        await ops.create_guest(spec, demo.GUEST, "a", mem_mb=mem_mb, dirty_rate=2000)
+        summary = await demo.run_migrations(spec, migrations=1, interval=settle, rms=rms,
+                                            say=lambda *a: None)
+    (trace,) = summary["traces"]
+    t0 = trace["t0_monotonic"]
+    end = t0 + trace["total_ms"] / 1e3
+    samples = [(t, ms) for t, ms in summary.pop("samples", [])]
+    return {"rms": rms, "mem_mb": mem_mb, "migration": [t0, end], "samples": samples,
+            "means_ms": phases(samples, t0, end), "lost": summary["lost"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mem-mb", type=int, default=1024)
+    p.add_argument("--settle", type=float, default=5.0, help="seconds before and after")
+    p.add_argument("--rms", default="vnc,ssh")
+    args = p.parse_args(argv)
+    need_root("bench/degradation.py")
+    rows = []
+    for rms in args.rms.split(","):
+        print(f"response time over {rms} across a co-migration ...", file=sys.stderr)
+        rows.append(asyncio.run(response(args.mem_mb, rms, args.settle)))
+    for r in rows:
+        m = r["means_ms"]
+        print(f"{r['rms']}: mean response before {m['before']:.2f} ms, during "
+              f"{m['during']:.2f} ms, after {m['after']:.2f} ms (lost {r['lost']})")
+    path = save("degradation", {"args": vars(args), "rows": rows, "made": time.time()})
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.6 * len(rows)), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows, strict=True):
+        base = r["migration"][0]
+        ax.plot([t - base for t, _ in r["samples"]], [v for _, v in r["samples"]], ".", ms=3)
+        ax.axvspan(0, r["migration"][1] - base, alpha=0.2, label="co-migration")
+        ax.set_ylabel(f"{r['rms']} response (ms)")
+        ax.legend(loc="upper right")
+    axes[-1, 0].set_xlabel("seconds from the start of the migration")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    print(f"\nraw samples: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
