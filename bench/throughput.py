@@ -6,8 +6,10 @@ about 10,000,000 characters (`seq`) to its console.
 
     python bench/throughput.py --seconds 10 --chars 10000000
 
-Writes bench/out/throughput.json and .png, prints a table. Needs root. (The paper
-also ran OpenSSH's sshd on the same path for scale; that comparison is not here yet.)
+Writes bench/out/throughput.json and .png, prints a table. Needs root. The paper
+ran OpenSSH's sshd for scale: so do we, on the same lab path, when /usr/sbin/sshd
+exists (`apt-get install openssh-server`); it is started only for the measurement,
+in the lab's own namespace.
 """
 
 from __future__ import annotations
@@ -97,6 +99,53 @@ async def ssh_rate(mode: str, chars: int) -> dict[str, Any]:
             "chars_per_s": len(got) / elapsed}
 
 
+SSHD = Path("/usr/sbin/sshd")
+
+
+async def sshd_rate(chars: int) -> dict[str, Any]:
+    """The same output through OpenSSH's own sshd on the same lab path (host a's
+    address, from the client namespace): a real peer, for scale."""
+    import asyncssh
+
+    from keeper.lab import netns
+
+    async with lab("td") as spec:
+        host = spec.hosts[0]
+        work = spec.rundir / "sshd"
+        work.mkdir(mode=0o700)
+        data = b"".join(b"%d\n" % i for i in range(1, seq_last(chars) + 1))
+        (work / "seq.txt").write_bytes(data)
+        key = work / "host_key"
+        key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+        key.chmod(0o600)
+        (work / "sshd_config").write_text(
+            f"Port 2222\nListenAddress {host.mgmt_ip}\nHostKey {key}\n"
+            f"AuthorizedKeysFile {spec.ssh_dir / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
+            f"StrictModes no\nPidFile {work / 'sshd.pid'}\n")
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+        sshd = await asyncio.create_subprocess_exec(
+            str(SSHD), "-D", "-e", "-f", str(work / "sshd_config"),
+            stderr=asyncio.subprocess.DEVNULL, preexec_fn=lambda: netns.enter(host.ns))
+        try:
+            await asyncio.sleep(0.5)
+            link = await SshLink.start(spec.client_ns, host.mgmt_ip, login="root", port=2222,
+                                       key=spec.ssh_dir / "id_ed25519", workdir=work,
+                                       known_hosts=work / "known_hosts",
+                                       command=("cat", str(work / "seq.txt")))
+            got = bytearray(await asyncio.wait_for(link.recv(), 30))
+            t0 = time.monotonic()
+            while chunk := await asyncio.wait_for(link.recv(), 60):
+                got += chunk
+            elapsed = time.monotonic() - t0
+            link.close()
+        finally:
+            sshd.terminate()
+            await sshd.wait()
+    return {"mode": "openssh-sshd", "what": "ssh", "chars": len(got), "seconds": elapsed,
+            "chars_per_s": len(got) / elapsed}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="VNC measuring time")
@@ -109,9 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(asyncio.run(vnc_fps(mode, args.seconds)))
         print(f"SSH seq output, servers in {mode} ...", file=sys.stderr)
         rows.append(asyncio.run(ssh_rate(mode, args.chars)))
+    if SSHD.exists():
+        print("the same output through OpenSSH's sshd ...", file=sys.stderr)
+        rows.append(asyncio.run(sshd_rate(args.chars)))
+    else:
+        print("no /usr/sbin/sshd (apt-get install openssh-server): no OpenSSH comparison",
+              file=sys.stderr)
     print()
     for r in rows:
-        where = "Domain R" if r["mode"] == "keeper" else "Dom0"
+        where = {"keeper": "Domain R", "baseline": "Dom0"}.get(r["mode"], r["mode"])
         if r["what"] == "vnc":
             print(f"VNC, servers in {where:8s}: {r['frames_per_s']:6.1f} updates/s, "
                   f"{r['full_screens_per_s']:5.1f} full screens/s")

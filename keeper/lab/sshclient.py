@@ -43,14 +43,14 @@ class SshLink:
     @classmethod
     async def start(cls, ns: str, host: str, *, key: Path, known_hosts: Path,
                     login: str = "admin", port: int = 22, workdir: Path,
-                    extra: tuple[str, ...] = ()) -> SshLink:
+                    extra: tuple[str, ...] = (), command: tuple[str, ...] = ()) -> SshLink:
         master, slave = os.openpty()
         set_winsize(slave, 80, 24)
         stderr = workdir / f"ssh-{os.getpid()}-{master}.err"
         argv = ["ssh", "-tt", "-o", "StrictHostKeyChecking=accept-new",
                 "-o", f"UserKnownHostsFile={known_hosts}", "-o", "BatchMode=yes",
                 "-o", "ConnectTimeout=10", "-i", str(key), "-p", str(port), *extra,
-                f"{login}@{host}"]
+                f"{login}@{host}", *command]
         with open(stderr, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=slave, stdout=slave, stderr=err, start_new_session=True,
