@@ -90,8 +90,11 @@ def _downtime(doc: dict) -> str:
 
 def _degradation(doc: dict) -> str:
     return "; ".join(
-        f"{r['rms']}: mean response {r['means_ms']['before']:.2f} ms before, "
-        f"{r['means_ms']['during']:.2f} ms during, {r['means_ms']['after']:.2f} ms after"
+        (f"VNC frame rate {r['means_ms']['before']:.1f} fps before, "
+         f"{r['means_ms']['during']:.1f} during, {r['means_ms']['after']:.1f} after")
+        if r["rms"] == "vnc-fps" else
+        (f"{r['rms']}: mean response {r['means_ms']['before']:.2f} ms before, "
+         f"{r['means_ms']['during']:.2f} ms during, {r['means_ms']['after']:.2f} ms after")
         for r in doc["rows"])
 
 
