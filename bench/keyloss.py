@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """§5.1 of the paper: are keys lost when the VM migrates during remote management?
 
-A client sends one key every 50 ms over VNC (a key counts as sent once the client's
-socket accepted it) while the guest migrates N times, and we compare what was sent
+A client sends one key every 50 ms over VNC (`--rms ssh`: through OpenSSH into the
+console; a key counts as sent once the client's socket, or ssh's terminal, took it) while the guest migrates N times, and we compare what was sent
 with what the guest received (its input journal). Three configurations:
 
   keeper     D-MORE: the servers and backends live in Domain R, which migrates with
@@ -29,13 +29,15 @@ import platform
 import secrets
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from keeper.lab import ops, topology
+from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
-from keeper.lab.typist import compare
+from keeper.lab.typist import Typist, compare
 from keeper.vnc.client import VncTypist
 
 GUEST = "guest1"
@@ -49,24 +51,40 @@ async def guest_ip(spec: LabSpec) -> str | None:
     return None
 
 
-async def typing(spec: LabSpec, stop: asyncio.Event, period: float,
+async def session(spec: LabSpec, ip: str, rms: str, period: float,
+                  work: Path) -> Typist | VncTypist:
+    if rms == "vnc":
+        return await VncTypist.connect(spec.client_ns, (ip, 5900), period=period)
+    link = await SshLink.start(spec.client_ns, ip, key=spec.ssh_dir / "id_ed25519",
+                               known_hosts=work / f"known_hosts-{ip}", workdir=work)
+    await link.wait_connected()
+    await asyncio.sleep(1.0)  # the login settles before the first key
+    return Typist(link, f"{GUEST}:~$ ".encode(), period=period)
+
+
+async def typing(spec: LabSpec, stop: asyncio.Event, period: float, rms: str,
                  rec: dict[str, Any]) -> None:
     """Type until `stop`; reconnect (to wherever the guest's servers are now) when the
     connection breaks, as a person would."""
+    work = Path(tempfile.mkdtemp(prefix="keeper-keyloss-"))
     while not stop.is_set():
         ip = await guest_ip(spec)
         if ip is None:
             await asyncio.sleep(0.05)
             continue
         try:
-            t = await VncTypist.connect(spec.client_ns, (ip, 5900), period=period)
+            t = await session(spec, ip, rms, period, work)
         except (OSError, ConnectionError, TimeoutError):
             rec["connect_failures"] += 1
             await asyncio.sleep(0.1)
             continue
         rec["connections"] += 1
         st = await t.run(stop, settle=5.0)
-        t.close()
+        if isinstance(t, Typist):
+            st.retransmits = t.retransmits()
+            t.link.close()
+        else:
+            t.close()
         rec["sent"] += st.sent
         rec["retransmits_client"] += st.retransmits
         rec["latencies_ms"] += st.echo_latencies_ms
@@ -76,10 +94,10 @@ async def typing(spec: LabSpec, stop: asyncio.Event, period: float,
 
 
 async def run_config(name: str, migrations: int, mem_mb: int, interval: float,
-                     period: float) -> dict[str, Any]:
+                     period: float, rms: str) -> dict[str, Any]:
     lab = f"kl{secrets.token_hex(3)}"
     mode = "baseline" if name == "baseline" else "keeper"
-    rec: dict[str, Any] = {"config": name, "sent": bytearray(), "reconnects": 0,
+    rec: dict[str, Any] = {"config": name, "rms": rms, "sent": bytearray(), "reconnects": 0,
                            "connections": 0, "connect_failures": 0, "retransmits_client": 0,
                            "latencies_ms": [], "errors": [], "migrations": []}
     try:
@@ -91,7 +109,7 @@ async def run_config(name: str, migrations: int, mem_mb: int, interval: float,
                 await ops.call(spec, h.name, "POST", "/vmm/config", json={"may_write": False})
         before = (await ops.journal(spec, GUEST))["count"]
         stop = asyncio.Event()
-        task = asyncio.create_task(typing(spec, stop, period, rec))
+        task = asyncio.create_task(typing(spec, stop, period, rms, rec))
         await asyncio.sleep(interval)
         where = "a"
         for _ in range(migrations):
@@ -133,7 +151,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.bar(names, [r[key] for r in results], color=["#2a7", "#c44", "#c93"][:len(names)])
         ax.set_title(title)
     fig.suptitle(f"key loss over {results[0]['migration_count']} migrations, "
-                 "one key every 50 ms over VNC")
+                 f"one key every 50 ms over {results[0]['rms'].upper()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -145,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between migrations")
     p.add_argument("--period", type=float, default=0.05, help="seconds between keys")
     p.add_argument("--configs", default="keeper,baseline,ablation")
+    p.add_argument("--rms", choices=["vnc", "ssh"], default="vnc",
+                   help="type through VNC (the paper's §5.1) or through SSH")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs.split(","):
         print(f"running {name} ...", file=sys.stderr)
         rec = asyncio.run(run_config(name, args.migrations, args.mem_mb, args.interval,
-                                     args.period))
+                                     args.period, args.rms))
         rec["migration_count"] = args.migrations
         results.append(rec)
     print(f"\n{'config':10s} {'sent':>6s} {'recv':>6s} {'lost':>5s} {'dup':>4s} {'reord':>5s} "
@@ -167,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"bench": "keyloss", "machine": {"kernel": platform.release(),
                                            "cpus": os.cpu_count()},
            "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-    (args.out / "keyloss.json").write_text(json.dumps(doc, indent=1))
-    plot(results, args.out / "keyloss.png")
-    print(f"\nraw samples: {args.out / 'keyloss.json'}, plot: {args.out / 'keyloss.png'}")
+    stem = "keyloss" if args.rms == "vnc" else f"keyloss-{args.rms}"
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    plot(results, args.out / f"{stem}.png")
+    print(f"\nraw samples: {args.out / f'{stem}.json'}, plot: {args.out / f'{stem}.png'}")
     keeper = next((r for r in results if r["config"] == "keeper"), None)
     return 0 if keeper is None or (keeper["lost"] == 0 and keeper["reconnects"] == 0) else 1
 
