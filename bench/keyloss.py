@@ -2,8 +2,9 @@
 """§5.1 of the paper: are keys lost when the VM migrates during remote management?
 
 A client sends one key every 50 ms over VNC (`--rms ssh`: through OpenSSH into the
-console; a key counts as sent once the client's socket, or ssh's terminal, took it) while the guest migrates N times, and we compare what was sent
-with what the guest received (its input journal). Three configurations:
+console; a key counts as sent once the client's socket, or ssh's terminal, took it)
+while the guest migrates N times, and we compare what was sent with what the guest
+received (its input journal). Three configurations:
 
   keeper     D-MORE: the servers and backends live in Domain R, which migrates with
              the guest; the client keeps its one connection

@@ -101,9 +101,9 @@ def _degradation(doc: dict) -> str:
         for r in doc["rows"])
 
 
-SUMMARIES = {"keyloss": _keyloss, "keyloss-ssh": _keyloss, "latency": _latency, "throughput": _throughput,
-             "migration_time": _migration_time, "downtime": _downtime,
-             "degradation": _degradation}
+SUMMARIES = {"keyloss": _keyloss, "keyloss-ssh": _keyloss, "latency": _latency,
+             "throughput": _throughput, "migration_time": _migration_time,
+             "downtime": _downtime, "degradation": _degradation}
 
 
 def ours() -> dict[str, str]:
