@@ -59,6 +59,24 @@ PAPER = {
 }
 
 
+NOTES = {
+    "keyloss": "our baseline client stops typing when its connection breaks, so it can "
+               "only lose keys sitting unread in the old server's socket; what it pays "
+               "is one broken session per migration",
+    "migration_time": "'independent' migrates the guest alone (its servers in Dom0, "
+                      "restarted on the target, included in the time) and a stand-alone "
+                      "Domain R at the same moment, unsynchronised; here typing goes "
+                      "through the raw console",
+    "keyloss-ssh": "over SSH our client checks every echo: when keys are lost (the "
+                   "ablation) the echo stream is wrong, it gives up the session and "
+                   "reconnects, which is what its reconnects count there",
+    "downtime": "perceived = the slowest key whose round trip overlapped Domain R's "
+                "frozen window",
+    "throughput": "the guest prints `seq` output through its 2 KiB console ring; the "
+                  "OpenSSH row is sshd's `cat` of the same bytes on the same lab path",
+}
+
+
 def _keyloss(doc: dict) -> str:
     return "; ".join(
         f"{r['config']}: {r['lost']} of {r['keys_sent']} keys lost, {r['reconnects']} "
@@ -141,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
              "with network namespaces and a simulated hypervisor (see the README).", ""]
     for name, text in PAPER.items():
         lines += [f"## {name}", "", f"- paper: {text}",
-                  f"- keeper: {results.get(name, 'not run at this scale yet')}",
-                  f"- raw samples and plot: `bench/out/{name}.json`, `bench/out/{name}.png`",
+                  f"- keeper: {results.get(name, 'not run at this scale yet')}"]
+        if name in NOTES:
+            lines.append(f"- note: {NOTES[name]}")
+        lines += [f"- raw samples and plot: `bench/out/{name}.json`, `bench/out/{name}.png`",
                   ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'}")
