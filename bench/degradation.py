@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import struct
 import sys
 import time
 from typing import Any
@@ -53,24 +52,9 @@ async def frame_rate(mem_mb: int, settle: float) -> dict[str, Any]:
     async with lab("df") as spec:
         doc = await ops.create_guest(spec, demo.GUEST, "a", mem_mb=mem_mb, dirty_rate=2000)
         t = await VncTypist.connect(spec.client_ns, (doc["ip"], 5900))
-        for ch in b"screensaver\r":
-            await t._key(ch)
+        await t.type_text(b"screensaver\r")
         frames: list[float] = []
-
-        async def read() -> None:
-            while True:
-                (kind,) = await t.r.readexactly(1)
-                if kind != 0:
-                    raise ConnectionError(f"unexpected message {kind}")
-                (n,) = struct.unpack(">xH", await t.r.readexactly(3))
-                for _ in range(n):
-                    _x, _y, w, h, _enc = struct.unpack(">HHHHi", await t.r.readexactly(12))
-                    await t.r.readexactly(w * h * 4)
-                frames.append(time.monotonic())
-                t._request()
-                await t.w.drain()
-
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(t.watch_frames(frames, []))
         await asyncio.sleep(settle)
         trace = await ops.migrate(spec, demo.GUEST, "b")
         await asyncio.sleep(settle)

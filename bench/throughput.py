@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import struct
 import sys
 import tempfile
 import time
@@ -47,32 +46,15 @@ async def vnc_fps(mode: str, seconds: float) -> dict[str, Any]:
     async with lab("tv") as spec:
         doc = await ops.create_guest(spec, GUEST, "a", mem_mb=64, mode=mode)
         t = await VncTypist.connect(spec.client_ns, (doc["ip"], 5900))
-        for ch in b"screensaver\r":
-            await t._key(ch)
+        await t.type_text(b"screensaver\r")
         frames: list[float] = []
-        pixels = 0
-
-        async def read() -> None:
-            nonlocal pixels
-            while True:
-                (kind,) = await t.r.readexactly(1)
-                if kind != 0:
-                    raise ConnectionError(f"unexpected message {kind}")
-                (n,) = struct.unpack(">xH", await t.r.readexactly(3))
-                for _ in range(n):
-                    _x, _y, w, h, _enc = struct.unpack(">HHHHi", await t.r.readexactly(12))
-                    await t.r.readexactly(w * h * 4)
-                    pixels += w * h
-                frames.append(time.monotonic())
-                t._request()
-                await t.w.drain()
-
-        reader = asyncio.create_task(read())
+        pixels: list[int] = []
+        reader = asyncio.create_task(t.watch_frames(frames, pixels))
         await asyncio.sleep(1.0)  # the screensaver starts
-        start, count0, px0 = time.monotonic(), len(frames), pixels
+        start, count0 = time.monotonic(), len(frames)
         await asyncio.sleep(seconds)
         elapsed = time.monotonic() - start
-        n, px = len(frames) - count0, pixels - px0
+        n, px = len(frames) - count0, sum(pixels[count0:count0 + len(frames) - count0])
         reader.cancel()
         t.close()
     return {"mode": mode, "what": "vnc", "frames_per_s": n / elapsed,

@@ -156,6 +156,28 @@ class VncTypist:
                 self.stats.errors.append(f"{type(exc).__name__}: {exc}")
         return self.stats
 
+    async def type_text(self, text: bytes) -> None:
+        for ch in text:
+            await self._key(ch)
+
+    async def watch_frames(self, frames: list[float], pixels: list[int]) -> None:
+        """Read updates for ever (until cancelled), keeping one request outstanding;
+        note each update's arrival time and how many pixels it carried."""
+        while True:
+            (kind,) = await self.r.readexactly(1)
+            if kind != 0:
+                raise ConnectionError(f"unexpected server message {kind}")
+            (n,) = struct.unpack(">xH", await self.r.readexactly(3))
+            px = 0
+            for _ in range(n):
+                _x, _y, w, h, _enc = struct.unpack(">HHHHi", await self.r.readexactly(12))
+                await self.r.readexactly(w * h * 4)
+                px += w * h
+            frames.append(time.monotonic())
+            pixels.append(px)
+            self._request()
+            await self.w.drain()
+
     def close(self) -> None:
         self.stats.retransmits = self.retransmits()
         self.w.close()
