@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from common import OUT, machine, need_root
 
 HERE = Path(__file__).parent
+RESULTS_DIR = HERE / "results"
 SCALES = {
     "quick": {
         "keyloss.py": ["--migrations", "4"],
@@ -162,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"- keeper: {results.get(name, 'not run at this scale yet')}"]
         if name in NOTES:
             lines.append(f"- note: {NOTES[name]}")
-        lines += [f"- raw samples and plot: `bench/out/{name}.json`, `bench/out/{name}.png`",
-                  ""]
+        png = OUT / f"{name}.png"
+        if png.exists():  # the plot goes into the repository beside RESULTS.md
+            RESULTS_DIR.mkdir(exist_ok=True)
+            shutil.copyfile(png, RESULTS_DIR / png.name)
+            lines += ["", f"![{name}](results/{png.name})"]
+        lines += ["", f"Raw samples: `bench/out/{name}.json` (written by the bench).", ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0
