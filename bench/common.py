@@ -54,3 +54,10 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def finish(fig: Any, json_path: Path) -> None:
+    """Save the plot beside the raw samples and say where both are."""
+    fig.tight_layout()
+    fig.savefig(json_path.with_suffix(".png"), dpi=110)
+    print(f"\nraw samples: {json_path}, plot: {json_path.with_suffix('.png')}")

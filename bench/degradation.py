@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from common import lab, need_root, pyplot, save
+from common import finish, lab, need_root, pyplot, save
 
 from keeper import demo
 from keeper.lab import ops
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("VNC frames/s" if r["rms"] == "vnc-fps" else f"{r['rms']} response (ms)")
         ax.legend(loc="upper right")
     axes[-1, 0].set_xlabel("seconds from the start of the migration")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"\nraw samples: {path}")
+    finish(fig, path)
     return 0
 
 

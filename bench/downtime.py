@@ -16,7 +16,7 @@ import statistics
 import sys
 from typing import Any
 
-from common import lab, need_root, pyplot, save
+from common import finish, lab, need_root, pyplot, save
 
 from keeper import demo
 from keeper.lab import ops
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("ms")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"\nraw samples: {path}")
+    finish(fig, path)
     return 0
 
 

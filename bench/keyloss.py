@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import secrets
 import statistics
 import sys
 import tempfile
@@ -35,14 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keeper.lab import ops, topology
+from common import OUT, finish, lab, need_root, pyplot, save
+
+from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
 from keeper.vnc.client import VncTypist
 
 GUEST = "guest1"
-OUT = Path(__file__).parent / "out"
 
 
 async def guest_ip(spec: LabSpec) -> str | None:
@@ -96,13 +93,11 @@ async def typing(spec: LabSpec, stop: asyncio.Event, period: float, rms: str,
 
 async def run_config(name: str, migrations: int, mem_mb: int, interval: float,
                      period: float, rms: str) -> dict[str, Any]:
-    lab = f"kl{secrets.token_hex(3)}"
     mode = "baseline" if name == "baseline" else "keeper"
     rec: dict[str, Any] = {"config": name, "rms": rms, "sent": bytearray(), "reconnects": 0,
                            "connections": 0, "connect_failures": 0, "retransmits_client": 0,
                            "latencies_ms": [], "errors": [], "migrations": []}
-    try:
-        spec = await ops.up(lab)
+    async with lab("kl") as spec:
         await ops.create_guest(spec, GUEST, "a", mem_mb=mem_mb, mode=mode,
                                event_delay_ms=200 if name == "ablation" else 0)
         if name == "ablation":
@@ -127,8 +122,6 @@ async def run_config(name: str, migrations: int, mem_mb: int, interval: float,
         await task
         journal = (await ops.journal(spec, GUEST))["journal"][before:]
         rec["retransmits_server"] = await ops.server_retransmits(spec)
-    finally:
-        topology.down(lab)
     sent = bytes(rec.pop("sent"))
     rec.update(compare(sent, journal), keys_sent=len(sent), keys_received=len(journal))
     lat = rec["latencies_ms"]
@@ -139,11 +132,7 @@ async def run_config(name: str, migrations: int, mem_mb: int, interval: float,
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["config"] for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for ax, key, title in zip(axes, ("lost", "reconnects", "retransmits_per_migration"),
@@ -153,8 +142,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
     fig.suptitle(f"key loss over {results[0]['migration_count']} migrations, "
                  f"one key every 50 ms over {results[0]['rms'].upper()}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="type through VNC (the paper's §5.1) or through SSH")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/keyloss.py needs root", file=sys.stderr)
-        return 2
+    need_root("bench/keyloss.py")
     results = []
     for name in args.configs.split(","):
         print(f"running {name} ...", file=sys.stderr)
@@ -184,14 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:10s} {r['keys_sent']:6d} {r['keys_received']:6d} {r['lost']:5d} "
               f"{r['duplicated']:4d} {r['reordered']:5d} {r['reconnects']:6d} "
               f"{r['retransmits_per_migration']:8.2f} {r['pause_ms_max']:12.1f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"bench": "keyloss", "machine": {"kernel": platform.release(),
-                                           "cpus": os.cpu_count()},
-           "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     stem = "keyloss" if args.rms == "vnc" else f"keyloss-{args.rms}"
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    plot(results, args.out / f"{stem}.png")
-    print(f"\nraw samples: {args.out / f'{stem}.json'}, plot: {args.out / f'{stem}.png'}")
+    path = save(stem, {"args": {k: str(v) for k, v in vars(args).items()},
+                       "results": results}, args.out)
+    plot(results, path)
     keeper = next((r for r in results if r["config"] == "keeper"), None)
     return 0 if keeper is None or (keeper["lost"] == 0 and keeper["reconnects"] == 0) else 1
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import lab, need_root, pyplot, save
+from common import finish, lab, need_root, pyplot, save
 
 from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                   [f"{r['rms']}\n{'Domain R' if r['mode'] == 'keeper' else 'Dom0'}"
                    for r in rows])
     ax.set_ylabel("key-to-echo (ms)")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"\nraw samples: {path}")
+    finish(fig, path)
     return 0
 
 

@@ -16,7 +16,7 @@ import statistics
 import sys
 from typing import Any
 
-from common import lab, need_root, pyplot, save
+from common import finish, lab, need_root, pyplot, save
 
 from keeper.lab import ops
 from keeper.lab.typist import Typist
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xlabel("Domain U memory (MiB)")
     ax.set_ylabel("migration time (s)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"\nraw samples: {path}")
+    finish(fig, path)
     return 0
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import lab, need_root, pyplot, save
+from common import finish, lab, need_root, pyplot, save
 
 from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     a1.set_title("VNC full screens / s")
     a2.bar([r["mode"] for r in ssh], [r["chars_per_s"] / 1e6 for r in ssh])
     a2.set_title("SSH M chars / s")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"\nraw samples: {path}")
+    finish(fig, path)
     return 0
 
 

@@ -126,7 +126,7 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
         "reconnects": 1 if stats.errors else 0,
         "errors": stats.errors,
         "echo_mismatches": stats.mismatches,
-        "vnc_updates": getattr(stats, "updates", None),
+        "vnc_updates": stats.updates,
         "retransmits_client": stats.retransmits,
         "retransmits_server": retrans_server,
         "pause_ms_max": round(stats.pause_ms_max, 3),

@@ -60,34 +60,19 @@ class ConsoleBackend:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _managed(self) -> int:
-        who, _ = self.hc.call("whoami")
-        if who["managed"] is None:
-            raise KeeperError(f"Domain R {who['name']} manages no Domain U on {who['host']}")
-        return int(who["managed"])
-
-    def _map_page(self, u_domid: int, pfn: int, writable: bool) -> mmap.mmap:
-        _, fds = self.hc.call("map", domid=u_domid, pfn=pfn, writable=writable)
-        (fd,) = fds
-        try:
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            return mmap.mmap(fd, PAGE, mmap.MAP_SHARED, prot, offset=pfn * PAGE)
-        finally:
-            os.close(fd)
-
     def _open_channel(self, port: int) -> None:
         _, fds = self.hc.call("evtchn_fds", port=port)
         self._upcall_fd, self._notify_fd = fds
 
     def connect(self) -> None:
         """First start: find the frontend in XenStore, map its ring, bind its port."""
-        u = self._managed()
+        u = self.hc.managed_domain()
         ref, _ = self.hc.call("xs_read", path=f"/local/domain/{u}/console/ring-ref")
         port, _ = self.hc.call("xs_read", path=f"/local/domain/{u}/console/port")
         if ref is None or port is None:
             raise KeeperError(f"Domain U {u} has not published its console (ring-ref, port)")
         pfn, u_port = int(ref), int(port)
-        self._map = self._map_page(u, pfn, writable=True)
+        self._map = self.hc.map_pages(u, pfn, writable=True)
         self._page = ring.RawPage(self._map)
         r_port, _ = self.hc.call("bind_interdomain", remote_domid=u, remote_port=u_port)
         self._open_channel(int(r_port))
@@ -103,10 +88,10 @@ class ConsoleBackend:
 
     def reconnect(self, state: ConsoleBackendState) -> None:
         """After a move (S7): re-map exactly the pages we had, take our re-made port."""
-        u = self._managed()
-        self._maps = [self._map_page(u, pfn, w) for pfn, w in state.mapped
+        u = self.hc.managed_domain()
+        self._maps = [self.hc.map_pages(u, pfn, writable=w) for pfn, w in state.mapped
                       if pfn != state.ring_pfn]
-        self._map = self._map_page(u, state.ring_pfn, True)
+        self._map = self.hc.map_pages(u, state.ring_pfn, writable=True)
         self._page = ring.RawPage(self._map)
         self._open_channel(state.r_port)
         self.state = state

@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,13 +36,10 @@ class DisplayBackendState:
     kbd_pfn: int
     fb_pfn: int
     dir_pfn: int
-    fb_first: int
+    fb_first: int  # the framebuffer: fb_pages pages from here (checked contiguous)
     fb_pages: int
-    kbd_port_u: int
-    fb_port_u: int
     kbd_port: int
     fb_port: int
-    mapped: list[tuple[int, bool]] = field(default_factory=list)
 
 
 class DisplayBackend:
@@ -61,24 +58,13 @@ class DisplayBackend:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _managed(self) -> int:
-        who, _ = self.hc.call("whoami")
-        if who["managed"] is None:
-            raise KeeperError(f"Domain R {who['name']} manages no Domain U")
-        return int(who["managed"])
-
     def _map(self, u: int, pfn: int, count: int, writable: bool) -> mmap.mmap:
-        _, (fd,) = self.hc.call("map", domid=u, pfn=pfn, count=count, writable=writable)
-        try:
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            m = mmap.mmap(fd, count * PAGE, mmap.MAP_SHARED, prot, offset=pfn * PAGE)
-        finally:
-            os.close(fd)
+        m = self.hc.map_pages(u, pfn, count, writable=writable)
         self._maps.append(m)
         return m
 
     def connect(self) -> None:
-        u = self._managed()
+        u = self.hc.managed_domain()
 
         def xs(dev: str, key: str) -> int:
             value, _ = self.hc.call("xs_read", path=f"/local/domain/{u}/device/{dev}/0/{key}")
@@ -100,23 +86,22 @@ class DisplayBackend:
         fb_port, _ = self.hc.call("bind_interdomain", remote_domid=u, remote_port=fb_u)
         st = DisplayBackendState(
             kbd_pfn=kbd_pfn, fb_pfn=fb_pfn, dir_pfn=dir_pfn, fb_first=pfns[0],
-            fb_pages=fb_pages, kbd_port_u=kbd_u, fb_port_u=fb_u, kbd_port=int(kbd_port),
-            fb_port=int(fb_port),
-            mapped=[(kbd_pfn, True), (fb_pfn, True), (dir_pfn, False)]
-            + [(p, False) for p in pfns])
-        self._attach(u, st, width, height)
+            fb_pages=fb_pages, kbd_port=int(kbd_port), fb_port=int(fb_port))
+        self._attach(u, st, fb_page, width, height)
 
     def reconnect(self, st: DisplayBackendState) -> None:
-        """After a move: the same pages from the new host, our ports re-made there."""
-        u = self._managed()
+        """After a move (S7): the same pages from the new host (the vkbd and vfb pages,
+        the directory, the framebuffer), our ports already re-made there."""
+        u = self.hc.managed_domain()
         self._map(u, st.dir_pfn, 1, False)
         fb_page = RawPage(self._map(u, st.fb_pfn, 1, True))
         width, height, *_ = ev.read_fb_header(fb_page)
-        self._attach(u, st, width, height)
+        self._attach(u, st, fb_page, width, height)
 
-    def _attach(self, u: int, st: DisplayBackendState, width: int, height: int) -> None:
+    def _attach(self, u: int, st: DisplayBackendState, fb_page: RawPage, width: int,
+                height: int) -> None:
         self._kbd = RawPage(self._map(u, st.kbd_pfn, 1, True))
-        self._fb = RawPage(self._map(u, st.fb_pfn, 1, True))
+        self._fb = fb_page
         fb = self._map(u, st.fb_first, st.fb_pages, False)
         self._pixels = np.frombuffer(fb, dtype=np.uint8)[: width * height * 4].reshape(
             height, width * 4)

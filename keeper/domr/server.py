@@ -32,7 +32,7 @@ from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
 from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
-from keeper.net.listen import listener
+from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
 from keeper.net.tcpinfo import tcp_info
 from keeper.ssh.host import QUIESCE_TIMEOUT, SshConfig, SshHost
@@ -86,7 +86,6 @@ class Conn(SocketPump):
         self.loop, self.sock, self.state, self.device = loop, sock, state, device
         self._on_close = on_close
         self.on_drained: Callable[[], None] | None = None
-        self.retransmits_at_start = 0
 
     @property
     def fd(self) -> int:
@@ -106,6 +105,7 @@ class Conn(SocketPump):
         if self.sock.fileno() < 0:
             return
         st = self.state
+        held = len(st.pending_out) >= OUTPUT_HIGH_WATER  # this session holds the console
         while st.pending_out:
             try:
                 n = self.sock.send(memoryview(st.pending_out)[:SEND_CHUNK])
@@ -119,8 +119,8 @@ class Conn(SocketPump):
             self.close("client closed")
             return
         self.want(read=st.wants_input, write=bool(st.pending_out))
-        if self.on_drained is not None and len(st.pending_out) < OUTPUT_HIGH_WATER // 2:
-            self.on_drained()
+        if held and self.on_drained is not None and len(st.pending_out) < OUTPUT_HIGH_WATER:
+            self.on_drained()  # it no longer does: let the console hand out more
 
     def close(self, why: str) -> None:
         self.stop()
@@ -157,7 +157,7 @@ class DomainR:
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
         self.phase = Phase.EMPTY
-        self.listener: socket.socket | None = None
+        self.acceptor = Acceptor(ip, console_port, self._on_accept, backlog=512)
         self.loop = asyncio.get_running_loop()
         self.left_behind: list[str] = []
         self.closed_sessions = 0
@@ -197,8 +197,7 @@ class DomainR:
     def bind(self) -> None:
         """Bind and listen (not yet accepting). Before any restore: a restored socket
         may share the port with a listener only while it is in repair mode."""
-        if self.listener is None:
-            self.listener = listener(self.ip, self.console_port, backlog=512)
+        self.acceptor.bind()
         if self.ssh is not None:
             self.ssh.bind()
         if self.vnc is not None:
@@ -206,8 +205,7 @@ class DomainR:
 
     def start(self) -> None:
         self.bind()
-        assert self.listener is not None
-        self.loop.add_reader(self.listener.fileno(), self._accept_ready)
+        self.acceptor.start(self.loop)
         if self.ssh is not None:
             self.ssh.start(self.loop)
         self.phase = Phase.SERVING
@@ -242,29 +240,14 @@ class DomainR:
         if self.ssh is not None:
             self.ssh.retry_inputs()
 
-    def _accept_ready(self) -> None:
-        assert self.listener is not None
-        for _ in range(64):
-            try:
-                sock, _addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept: %s", exc)
-                return
-            self._adopt(sock, start=self.phase is Phase.SERVING)
-
-    def _adopt(self, sock: socket.socket, *, start: bool) -> Conn:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _on_accept(self, sock: socket.socket) -> None:
         state = RawSession(id=self.next_id)
         self.next_id += 1
         conn = Conn(self.loop, sock, state, self.device, self._closed)
         conn.on_drained = self.output_drained
         self.conns[state.id] = conn
-        if start:
+        if self.phase is Phase.SERVING:  # accepted at a checkpoint: it waits to be dumped
             conn.start()
-        return conn
 
     def _closed(self, conn: Conn, why: str) -> None:
         if self.conns.pop(conn.state.id, None) is not None:
@@ -289,10 +272,9 @@ class DomainR:
         self._require(Phase.SERVING, Phase.QUIESCED)
         if self.phase is Phase.QUIESCED:
             return
-        if self.listener is not None:
-            self.loop.remove_reader(self.listener.fileno())
+        self.acceptor.stop()
         if self.ssh is not None:
-            self.ssh.stop_accepting(self.loop)
+            self.ssh.stop_accepting()
         self.device.stop()  # from here on the shared ring is not touched (S3)
         if self.display is not None and self.vnc is not None:
             self.display.stop()
@@ -312,8 +294,7 @@ class DomainR:
         """
         self._require(Phase.QUIESCED)
         t0 = time.perf_counter()
-        if self.listener is not None:
-            self._accept_ready()
+        self.acceptor.accept_pending()
         sessions: list[ck.SessionCheckpoint] = []
         for sid, conn in list(self.conns.items()):
             try:
@@ -372,9 +353,7 @@ class DomainR:
             self.ssh.release()
         if self.vnc is not None:
             self.vnc.release()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        self.acceptor.close()
         self.phase = Phase.CLOSED
         self.stopped.set()
 
@@ -432,7 +411,6 @@ class DomainR:
             # Without announcements we stay silent (no window probe either), so the
             # tests can show what the announcement alone does.
             tcprepair.leave_repair(conn.sock, window_probe=self.announce_enabled)
-            conn.retransmits_at_start = tcp_info(conn.sock).total_retrans
         self._announce()
         for conn in list(self.conns.values()):
             conn.start()
@@ -480,11 +458,7 @@ class DomainR:
         if self.phase is Phase.CLOSED:
             self.stopped.set()
             return
-        if self.listener is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
+        self.acceptor.close()
         for conn in list(self.conns.values()):
             if self.phase in (Phase.DUMPED, Phase.RESTORED):
                 tcprepair.release(conn.sock)

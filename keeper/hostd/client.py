@@ -54,11 +54,7 @@ class Http:
                                        timeout=to) as resp:
                 body = await resp.read()
                 if resp.status >= 300:
-                    try:
-                        message = jsonlib.loads(body)["error"]
-                    except (ValueError, KeyError, TypeError):
-                        message = body.decode(errors="replace")[:500]
-                    raise RemoteError(f"{method} {self.where}{path}", resp.status, message)
+                    raise self._error(method, path, resp.status, body)
                 return body, dict(resp.headers)
         except TimeoutError as exc:
             raise KeeperError(f"{method} {self.where}{path}: no answer in "
@@ -75,12 +71,7 @@ class Http:
             async with session.request(method, self.base + path, json=json,
                                        timeout=to) as resp:
                 if resp.status >= 300:
-                    body = await resp.read()
-                    try:
-                        message = jsonlib.loads(body)["error"]
-                    except (ValueError, KeyError, TypeError):
-                        message = body.decode(errors="replace")[:500]
-                    raise RemoteError(f"{method} {self.where}{path}", resp.status, message)
+                    raise self._error(method, path, resp.status, await resp.read())
                 async for line in resp.content:
                     if line.strip():
                         yield jsonlib.loads(line)
@@ -88,6 +79,14 @@ class Http:
             raise KeeperError(f"{method} {self.where}{path}: no end in {timeout:.0f} s") from exc
         except aiohttp.ClientError as exc:
             raise KeeperError(f"{method} {self.where}{path}: {exc}") from exc
+
+    def _error(self, method: str, path: str, status: int, body: bytes) -> RemoteError:
+        """The server's own error text (our APIs answer {"error": ...})."""
+        try:
+            message = jsonlib.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = body.decode(errors="replace")[:500]
+        return RemoteError(f"{method} {self.where}{path}", status, message)
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         body, _ = await self.request(method, path, **kw)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from keeper.domu.guestos import GuestOS
+from keeper.domu.memory import GuestMemory
 from keeper.errors import KeeperError, LabError
 from keeper.lab import procs
 from keeper.vmm.hypercall import HypercallServer
@@ -101,9 +103,7 @@ class Guests:
 
     async def go(self, entry: GuestEntry) -> None:
         """The migrated memory is complete and S6 is done: let the guest run."""
-        assert entry.ctl is not None
-        await asyncio.get_running_loop().sock_sendall(entry.ctl, b"G")
-        await self._expect(entry, b"u", "resume")
+        await self._command(entry, b"G", b"u", "resume")
         entry.state = "running"
 
     async def _expect(self, entry: GuestEntry, want: bytes, what: str) -> None:
@@ -126,18 +126,20 @@ class Guests:
                 raise KeeperError(f"guest {entry.name} did not publish its console")
             await asyncio.sleep(0.02)
 
+    async def _command(self, entry: GuestEntry, cmd: bytes, answer: bytes,
+                       what: str) -> None:
+        assert entry.ctl is not None
+        await asyncio.get_running_loop().sock_sendall(entry.ctl, cmd)
+        await self._expect(entry, answer, what)
+
     async def pause(self, entry: GuestEntry) -> None:
         """Stop the guest at a clean point; all its state is then in its memory."""
-        assert entry.ctl is not None
-        await asyncio.get_running_loop().sock_sendall(entry.ctl, b"P")
-        await self._expect(entry, b"p", "pause")
+        await self._command(entry, b"P", b"p", "pause")
         entry.u.paused = True
         entry.state = "paused"
 
     async def unpause(self, entry: GuestEntry) -> None:
-        assert entry.ctl is not None
-        await asyncio.get_running_loop().sock_sendall(entry.ctl, b"R")
-        await self._expect(entry, b"r", "resume")
+        await self._command(entry, b"R", b"r", "resume")
         entry.u.paused = False
         entry.state = "running"
 
@@ -157,25 +159,21 @@ class Guests:
         entry.hc_u.close()
         self.hv.destroy(entry.u.domid)
 
-    def screen(self, name: str) -> bytes:
-        """The guest's framebuffer (BGRX, 800x600), read from its memory."""
-        from keeper.domu.guestos import GuestOS
-        from keeper.domu.memory import GuestMemory
-
+    def _read_guest(self, name: str) -> GuestOS:
+        """The guest OS as its memory holds it (read only: no dirty log attached)."""
         entry = self.get(name)
         assert entry.u.mem is not None
-        gos = GuestOS.attach(GuestMemory(entry.u.mem, None))
+        return GuestOS.attach(GuestMemory(entry.u.mem, None))
+
+    def screen(self, name: str) -> bytes:
+        """The guest's framebuffer (BGRX, 800x600), read from its memory."""
+        gos = self._read_guest(name)
         if gos.display is None:
             raise KeeperError(f"guest {name} has no display")
         return gos.display.pixels()
 
     def journal(self, name: str) -> dict[str, object]:
-        from keeper.domu.guestos import GuestOS
-        from keeper.domu.memory import GuestMemory
-
-        entry = self.get(name)
-        assert entry.u.mem is not None
-        gos = GuestOS.attach(GuestMemory(entry.u.mem, None))
+        gos = self._read_guest(name)
         return {"name": name, "host": self.agent.host.name, "journal": gos.journal(),
                 "count": gos.journal_count(), "info": gos.info()}
 

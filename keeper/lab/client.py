@@ -9,6 +9,7 @@ created inside the client namespace and then driven from this process's event lo
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import socket
@@ -17,8 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from keeper.aio import cancel_and_wait
-from keeper.lab import netns
-from keeper.net.tcpinfo import tcp_info
+from keeper.lab.typist import SocketLink
 
 _PERIOD = 65521  # prime: offsets line up with no power-of-two block size
 _BLOCK = random.Random(0x6B70).randbytes(_PERIOD) * 2
@@ -37,30 +37,16 @@ def pattern(conn_id: int, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
-def open_in(ns: str, addr: tuple[str, int]) -> socket.socket:
-    with netns.entered(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 @dataclass
 class EchoStats:
     conn_id: int
     sent: int = 0
     received: int = 0
     corrupted: int = 0
-    reconnects: int = 0
     retransmits: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
     # (monotonic time the write went out, ms until its echo was complete)
     samples: list[tuple[float, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-
-    @property
-    def max_latency_ms(self) -> float:
-        return max(self.latencies_ms, default=0.0)
 
 
 class EchoClient:
@@ -69,21 +55,17 @@ class EchoClient:
     def __init__(self, ns: str, addr: tuple[str, int], conn_id: int = 0) -> None:
         self.ns, self.addr, self.conn_id = ns, addr, conn_id
         self.stats = EchoStats(conn_id)
+        self.link: SocketLink | None = None
         self.sock: socket.socket | None = None
-        self._pending: list[tuple[int, float]] = []  # (end offset, time written)
-        self._retrans_base = 0
-        self._got = asyncio.Event()
+        self._pending: collections.deque[tuple[int, float]] = collections.deque()
+        # (end offset of a write, when it went out), oldest first
 
     async def connect(self, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        self.sock = open_in(self.ns, self.addr)
-        await asyncio.wait_for(loop.sock_connect(self.sock, self.addr), timeout)
-        self._retrans_base = tcp_info(self.sock).total_retrans
+        self.link = await SocketLink.connect(self.ns, self.addr, timeout)
+        self.sock = self.link.sock
 
     def retransmits(self) -> int:
-        if self.sock is None or self.sock.fileno() < 0:
-            return self.stats.retransmits
-        return self.stats.retransmits + tcp_info(self.sock).total_retrans - self._retrans_base
+        return self.link.retransmits() if self.link is not None else 0
 
     async def _write(self, data: bytes) -> None:
         assert self.sock is not None
@@ -106,10 +88,8 @@ class EchoClient:
             self.stats.received += len(data)
             now = time.monotonic()
             while self._pending and self._pending[0][0] <= self.stats.received:
-                _, t = self._pending.pop(0)
-                self.stats.latencies_ms.append((now - t) * 1e3)
+                _, t = self._pending.popleft()
                 self.stats.samples.append((t, (now - t) * 1e3))
-            self._got.set()
 
     async def echo(self, n: int, timeout: float = 10.0) -> None:
         """Write `n` more bytes of the stream and read until everything came back."""
@@ -162,7 +142,7 @@ class EchoClient:
         return self.stats
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.stats.retransmits = self.retransmits()
-            self.sock.close()
+        if self.link is not None:
+            self.link.close()
+            self.stats.retransmits = self.link.retransmits()
             self.sock = None

@@ -107,12 +107,17 @@ async def where(spec: LabSpec, dom: str) -> str:
     raise LabError(f"no Domain R {dom!r} in lab {spec.name}")
 
 
+async def free_index(spec: LabSpec) -> int:
+    """The lowest Domain R address index (IP .100+N) no domain of the lab uses."""
+    used = {d["ip"] for d in (await status(spec))["domains"]}
+    return next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
+
+
 async def create_domr(spec: LabSpec, dom: str, host: str, *, index: int | None = None,
                       announce: bool = True,
                       announce_schedule: str = "0,20,100,300") -> dict[str, Any]:
     if index is None:
-        used = {d["ip"] for d in (await status(spec))["domains"]}
-        index = next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
+        index = await free_index(spec)
     return await call(spec, host, "POST", "/domr",
                       json={"name": dom, "ip": spec.domr_ip(index),
                             "mac": spec.domr_mac(index), "announce": announce,
@@ -152,8 +157,7 @@ async def create_guest(spec: LabSpec, name: str, host: str, *, index: int | None
     """A guest pair: Domain U + its Domain R (mode "keeper"), or Domain U with its
     servers in Dom0 on the host's address (mode "baseline", the conventional set-up)."""
     if index is None:
-        used = {d["ip"] for d in (await status(spec))["domains"]}
-        index = next(i for i in range(1, 150) if spec.domr_ip(i) not in used)
+        index = await free_index(spec)
     return await call(spec, host, "POST", "/guest", timeout=60, json={
         "name": name, "ip": spec.domr_ip(index), "mac": spec.domr_mac(index),
         "mem_mb": mem_mb, "event_delay_ms": event_delay_ms, "dirty_rate": dirty_rate,

@@ -6,6 +6,7 @@ still says they are ours (PIDs are reused).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -84,8 +85,6 @@ def stop(pid: int, timeout: float = 3.0) -> None:
 
 async def reap(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     """Wait (off the event loop) for a child we asked to exit; stop it if it won't."""
-    import asyncio
-
     try:
         await asyncio.to_thread(proc.wait, timeout)
     except subprocess.TimeoutExpired:

@@ -11,6 +11,7 @@ user sees. Sockets are made in the lab's client namespace.
 from __future__ import annotations
 
 import asyncio
+import collections
 import difflib
 import socket
 import time
@@ -33,16 +34,68 @@ def script(line: int, width: int = 24) -> bytes:
 @dataclass
 class TypistStats:
     sent: bytearray = field(default_factory=bytearray)
-    echo_latencies_ms: list[float] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list)  # (sent at, ms)
+    updates: int = 0  # VNC: framebuffer updates received
     mismatches: int = 0
-    reconnects: int = 0
     errors: list[str] = field(default_factory=list)
     retransmits: int = 0
 
     @property
+    def echo_latencies_ms(self) -> list[float]:
+        return [ms for _, ms in self.samples]
+
+    @property
     def pause_ms_max(self) -> float:
-        return max(self.echo_latencies_ms, default=0.0)
+        return max((ms for _, ms in self.samples), default=0.0)
+
+
+class KeyLoop:
+    """Types the comment-line script, one key every `period` s, and times each key
+    until its echo. Subclasses say how a key goes out (`_key`), how the answers are
+    read (`_read`, which calls `_echoed`) and how many echoes are still owed."""
+
+    stats: TypistStats
+    period: float
+
+    async def _key(self, key: int) -> None:
+        raise NotImplementedError
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+    def _owed(self) -> int:
+        raise NotImplementedError
+
+    def _echoed(self, sent_at: float, now: float) -> None:
+        self.stats.samples.append((sent_at, (now - sent_at) * 1e3))
+
+    async def run(self, stop: asyncio.Event, settle: float = 10.0) -> TypistStats:
+        """Type until `stop`, finish the current line, then wait for every echo."""
+        reader = asyncio.create_task(self._read())
+        line = 0
+        try:
+            while not stop.is_set():  # whole lines: the last key typed is always Enter
+                for key in script(line):
+                    if reader.done():
+                        reader.result()
+                    await self._key(key)
+                    await asyncio.sleep(self.period)
+                line += 1
+            deadline = time.monotonic() + settle
+            while self._owed() and time.monotonic() < deadline and not reader.done():
+                await asyncio.sleep(0.02)
+            if reader.done():
+                reader.result()
+            if self._owed():
+                self.stats.errors.append(f"{self._owed()} keys' echoes never came")
+        except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            exc = await cancel_and_wait(reader)
+            if exc is not None and not self.stats.errors and not isinstance(
+                    exc, asyncio.IncompleteReadError):
+                self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        return self.stats
 
 
 class Link(Protocol):
@@ -88,12 +141,15 @@ class SocketLink:
             self.sock.close()
 
 
-class Typist:
+class Typist(KeyLoop):
+    """Types into a console (raw TCP or SSH) and checks the echo byte for byte."""
+
     def __init__(self, link: Link, prompt: bytes, period: float = 0.05) -> None:
         self.link, self.prompt, self.period = link, prompt, period
         self.stats = TypistStats()
         self._expect = bytearray()  # what the console must still send back
-        self._times: list[tuple[int, float]] = []  # (end offset in expected stream, sent at)
+        # (end offset in the expected stream, sent at), oldest first
+        self._times: collections.deque[tuple[int, float]] = collections.deque()
         self._expected_total = 0
         self._got_total = 0
 
@@ -128,37 +184,10 @@ class Typist:
             del self._expect[: len(data)]
             self._got_total += len(data)
             while self._times and self._times[0][0] <= self._got_total:
-                _, t = self._times.pop(0)
-                ms = (now - t) * 1e3
-                self.stats.echo_latencies_ms.append(ms)
-                self.stats.samples.append((t, ms))
+                self._echoed(self._times.popleft()[1], now)
 
-    async def run(self, stop: asyncio.Event, settle: float = 10.0) -> TypistStats:
-        """Type until `stop`, finish the current line, then wait for every echo."""
-        reader = asyncio.create_task(self._read())
-        line = 0
-        try:
-            while not stop.is_set():  # whole lines: the last key typed is always Enter
-                for key in script(line):
-                    if reader.done():
-                        reader.result()
-                    await self._key(key)
-                    await asyncio.sleep(self.period)
-                line += 1
-            deadline = time.monotonic() + settle
-            while self._expect and time.monotonic() < deadline and not reader.done():
-                await asyncio.sleep(0.02)
-            if reader.done():
-                reader.result()
-            if self._expect:
-                self.stats.errors.append(f"{len(self._expect)} bytes of echo never came")
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            exc = await cancel_and_wait(reader)
-            if exc is not None and not self.stats.errors:
-                self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-        return self.stats
+    def _owed(self) -> int:
+        return len(self._times)
 
     def close(self) -> None:
         self.stats.retransmits = self.link.retransmits()

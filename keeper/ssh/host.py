@@ -9,7 +9,6 @@ ours to bind before a restore and to close without a sound after a move.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import asyncssh
 from keeper.console.raw import RawSession
 from keeper.errors import NotMovable
 from keeper.net import tcprepair
-from keeper.net.listen import listener
+from keeper.net.listen import Acceptor
 from keeper.net.tcprepair import Restored, TcpRepairRecord
 from keeper.ssh import movable
 from keeper.ssh.console import LOGIN, ConsoleServer, ConsoleSession, ConsoleSessionState
@@ -61,9 +60,8 @@ class SshHost:
         self.on_drained = on_drained
         self.sessions: set[ConsoleSession] = set()
         self.conns: set[asyncssh.SSHServerConnection] = set()
-        self.listener: socket.socket | None = None
+        self.acceptor = Acceptor(ip, port, self._on_accept)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting = False
         self._next_id = 1
         self.servers: set[ConsoleServer] = set()
         self._dumped: list[tuple[asyncssh.SSHServerConnection, socket.socket]] = []
@@ -102,37 +100,20 @@ class SshHost:
     # -- Domain R's side ---------------------------------------------------------------------
 
     def bind(self) -> None:
-        if self.listener is None:
-            self.listener = listener(self.ip, self.port)
+        self.acceptor.bind()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.bind()
-        assert self.listener is not None
-        if not self._accepting:
-            loop.add_reader(self.listener.fileno(), self._accept_ready)
-            self._accepting = True
+        self.acceptor.start(loop)
 
-    def stop_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._accepting and self.listener is not None:
-            loop.remove_reader(self.listener.fileno())
-        self._accepting = False
+    def stop_accepting(self) -> None:
+        self.acceptor.stop()
 
-    def _accept_ready(self) -> None:
-        assert self.listener is not None
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("ssh accept: %s", exc)
-                return
-            task = asyncio.create_task(self._serve(sock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _on_accept(self, sock: socket.socket) -> None:
+        task = asyncio.create_task(self._serve(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             conn = await asyncio.wait_for(
                 asyncssh.run_server(sock, options=self._options), timeout=120)
@@ -248,12 +229,7 @@ class SshHost:
 
     async def close(self) -> None:
         """Idempotent: stop accepting, close connections, wait for their tasks."""
-        if self.listener is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
-        self._accepting = False
+        self.acceptor.close()
         for conn in list(self.conns):
             conn.close()
         for task in list(self._tasks):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 import msgpack
 
 from keeper.errors import KeeperError
-from keeper.vmm.hypervisor import Hypervisor
+from keeper.vmm.hypervisor import PAGE, Hypervisor
 
 log = logging.getLogger("keeper.hypercall")
 MAX_MSG = 1 << 16
@@ -160,6 +161,23 @@ class HypercallClient:
                 os.close(fd)
             raise KeeperError(f"hypercall {op} refused: {reply['error']}")
         return reply["ok"], fds
+
+    def managed_domain(self) -> int:
+        """The Domain U this Domain R manages (refused if none)."""
+        who, _ = self.call("whoami")
+        if who["managed"] is None:
+            raise KeeperError(f"Domain R {who['name']} manages no Domain U on {who['host']}")
+        return int(who["managed"])
+
+    def map_pages(self, domid: int, pfn: int, count: int = 1, *,
+                  writable: bool = False) -> mmap.mmap:
+        """Grant-map `count` pages of `domid` from `pfn` on, shared with the guest."""
+        _, (fd,) = self.call("map", domid=domid, pfn=pfn, count=count, writable=writable)
+        try:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            return mmap.mmap(fd, count * PAGE, mmap.MAP_SHARED, prot, offset=pfn * PAGE)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._sock.close()

@@ -10,54 +10,28 @@ the guest redraws the row the cursor is on for every key it handles.
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 import time
-from dataclasses import dataclass, field
 
-from keeper.lab import netns
-from keeper.lab.typist import script
+from keeper.lab.typist import KeyLoop, SocketLink, TypistStats
 
 XK_RETURN = 0xFF0D
 
 
-@dataclass
-class VncTypistStats:
-    sent: bytearray = field(default_factory=bytearray)
-    echo_latencies_ms: list[float] = field(default_factory=list)
-    samples: list[tuple[float, float]] = field(default_factory=list)
-    updates: int = 0
-    errors: list[str] = field(default_factory=list)
-    retransmits: int = 0
-    mismatches: int = 0
-
-    @property
-    def pause_ms_max(self) -> float:
-        return max(self.echo_latencies_ms, default=0.0)
-
-
-class VncTypist:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 width: int, height: int, period: float = 0.05) -> None:
-        self.r, self.w = reader, writer
+class VncTypist(KeyLoop):
+    def __init__(self, link: SocketLink, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, width: int, height: int,
+                 period: float = 0.05) -> None:
+        self.link, self.r, self.w = link, reader, writer
         self.width, self.height, self.period = width, height, period
-        self.stats = VncTypistStats()
+        self.stats = TypistStats()
         self._waiting: list[float] = []  # send times of keys not yet seen echoed
-        from keeper.net.tcpinfo import tcp_info
-
-        self._sock = writer.get_extra_info("socket")
-        self._tcp_info = tcp_info
-        self._base = tcp_info(self._sock).total_retrans
 
     @classmethod
     async def connect(cls, ns: str, addr: tuple[str, int], *, period: float = 0.05,
                       timeout: float = 10.0) -> VncTypist:
-        with netns.entered(ns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, addr), timeout)
-        r, w = await asyncio.open_connection(sock=sock)
+        link = await SocketLink.connect(ns, addr, timeout)
+        r, w = await asyncio.open_connection(sock=link.sock)
 
         async def exactly(n: int) -> bytes:
             return await asyncio.wait_for(r.readexactly(n), timeout)
@@ -84,13 +58,10 @@ class VncTypist:
         w.write(struct.pack(">BxHi", 2, 1, 0))
         w.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))  # one full frame first
         await w.drain()
-        return cls(r, w, width, height, period)
+        return cls(link, r, w, width, height, period)
 
     def retransmits(self) -> int:
-        try:
-            return self._tcp_info(self._sock).total_retrans - self._base
-        except OSError:
-            return self.stats.retransmits
+        return self.stats.retransmits if self.w.is_closing() else self.link.retransmits()
 
     def _request(self) -> None:
         self.w.write(struct.pack(">BBHHHH", 3, 1, 0, 0, self.width, self.height))
@@ -101,6 +72,9 @@ class VncTypist:
         await self.w.drain()
         self.stats.sent.append(ch)
         self._waiting.append(time.monotonic())
+
+    def _owed(self) -> int:
+        return len(self._waiting)
 
     async def _read(self) -> None:
         while True:
@@ -115,9 +89,7 @@ class VncTypist:
                 now = time.monotonic()
                 self.stats.updates += 1
                 for t in self._waiting:
-                    ms = (now - t) * 1e3
-                    self.stats.echo_latencies_ms.append(ms)
-                    self.stats.samples.append((t, ms))
+                    self._echoed(t, now)
                 self._waiting.clear()
                 self._request()
                 await self.w.drain()
@@ -128,33 +100,6 @@ class VncTypist:
                 await self.r.readexactly(length)
             else:
                 raise ConnectionError(f"unexpected server message {kind}")
-
-    async def run(self, stop: asyncio.Event, settle: float = 10.0) -> VncTypistStats:
-        reader = asyncio.create_task(self._read())
-        line = 0
-        try:
-            while not stop.is_set():
-                for ch in script(line):
-                    if reader.done():
-                        reader.result()
-                    await self._key(ch)
-                    await asyncio.sleep(self.period)
-                line += 1
-            deadline = time.monotonic() + settle
-            while self._waiting and time.monotonic() < deadline and not reader.done():
-                await asyncio.sleep(0.02)
-            if reader.done():
-                reader.result()
-        except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            from keeper.aio import cancel_and_wait
-
-            exc = await cancel_and_wait(reader)
-            if exc is not None and not self.stats.errors and not isinstance(
-                    exc, asyncio.IncompleteReadError):
-                self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-        return self.stats
 
     async def type_text(self, text: bytes) -> None:
         for ch in text:
@@ -179,5 +124,5 @@ class VncTypist:
             await self.w.drain()
 
     def close(self) -> None:
-        self.stats.retransmits = self.retransmits()
+        self.stats.retransmits = self.link.retransmits()  # before the socket goes
         self.w.close()

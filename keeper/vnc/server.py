@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from keeper.errors import ProtocolError
 from keeper.net import tcprepair
-from keeper.net.listen import listener
+from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
 from keeper.net.tcprepair import TcpRepairRecord
 from keeper.vnc import rfb
@@ -168,50 +168,33 @@ class VncHost:
     def __init__(self, display: Display, ip: str, name: str, *, port: int = VNC_PORT) -> None:
         self.display, self.ip, self.name, self.port = display, ip, name, port
         self.conns: dict[int, VncConn] = {}
-        self.listener: socket.socket | None = None
         self.loop = asyncio.get_running_loop()
-        self._accepting = False
+        self.acceptor = Acceptor(ip, port, self._on_accept)
         self._next_id = 1
         self._incoming: list[tuple[VncSessionState, socket.socket]] = []
         self.keys = self.frames = 0
 
     def bind(self) -> None:
-        if self.listener is None:
-            self.listener = listener(self.ip, self.port)
+        self.acceptor.bind()
 
     def start(self) -> None:
-        self.bind()
-        assert self.listener is not None
-        if not self._accepting:
-            self.loop.add_reader(self.listener.fileno(), self._accept_ready)
-            self._accepting = True
+        self.acceptor.start(self.loop)
 
     def stop(self) -> None:
         """Quiesce: no accepting, no reading or writing on any session."""
-        if self._accepting and self.listener is not None:
-            self.loop.remove_reader(self.listener.fileno())
-        self._accepting = False
+        self.acceptor.stop()
         for conn in self.conns.values():
             conn.stop()
 
-    def _accept_ready(self) -> None:
-        assert self.listener is not None
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            core = rfb.RfbServer(width=self.display.width, height=self.display.height,
-                                 name=self.name)
-            core.connection_made()
-            state = VncSessionState(id=self._next_id, rfb=core.state)
-            self._next_id += 1
-            conn = VncConn(self, sock, state, core)
-            self.conns[state.id] = conn
-            conn.start()
+    def _on_accept(self, sock: socket.socket) -> None:
+        core = rfb.RfbServer(width=self.display.width, height=self.display.height,
+                             name=self.name)
+        core.connection_made()
+        state = VncSessionState(id=self._next_id, rfb=core.state)
+        self._next_id += 1
+        conn = VncConn(self, sock, state, core)
+        self.conns[state.id] = conn
+        conn.start()
 
     def damage(self, rects: list[tuple[int, int, int, int]]) -> None:
         for conn in list(self.conns.values()):
@@ -260,10 +243,6 @@ class VncHost:
                 for c in self.conns.values()]
 
     def close(self) -> None:
-        if self.listener is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
+        self.acceptor.close()
         for conn in list(self.conns.values()):
             conn.close("Domain R shutting down")
