@@ -28,6 +28,7 @@ from keeper.lab import ops, topology
 from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
+from keeper.migrate.trace import longest_wait
 from keeper.vnc.client import VncTypist
 
 GUEST = "guest1"
@@ -88,10 +89,8 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
             await asyncio.sleep(interval)
             # the pause a user saw in this migration: the slowest key whose round trip
             # overlapped the frozen window of Domain R
-            marks = {m["name"]: trace["t0_monotonic"] + m["ms"] / 1e3 for m in trace["marks"]}
-            lo, hi = marks["R stopped"], marks["R resumed"]
-            trace["pause_ms"] = round(max((ms for t, ms in stats_ref.samples
-                                           if t <= hi and t + ms / 1e3 >= lo), default=0.0), 3)
+            trace["pause_ms"] = round(longest_wait(trace, stats_ref.samples, "R stopped",
+                                                   "R resumed"), 3)
             say(f"migration {i + 1:3d}: {trace['source']} -> {trace['target']} "
                 f"{trace['total_ms']:7.1f} ms, downtime U {trace['downtime_ms']['U']:6.1f} ms "
                 f"R {trace['downtime_ms']['R']:6.1f} ms, pause seen {trace['pause_ms']:6.1f} ms, "

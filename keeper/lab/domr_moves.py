@@ -15,6 +15,7 @@ from typing import Any
 from keeper.lab import ops
 from keeper.lab.client import EchoClient
 from keeper.lab.topology import LabSpec
+from keeper.migrate.trace import longest_wait
 
 DOM = "r1"
 
@@ -49,10 +50,8 @@ async def run_moves(spec: LabSpec, *, moves: int, typists: int = 3, bulk: bool =
             await asyncio.sleep(interval)
             # The pause a user saw: the longest wait of any write whose round trip
             # overlapped the frozen window (quiesce .. resumed on the target).
-            marks = {m["name"]: trace["t0_monotonic"] + m["ms"] / 1e3 for m in trace["marks"]}
-            frozen = (marks["quiesced"], marks["resumed"])
-            pause = max((lat for c in clients for (t, lat) in c.stats.samples
-                         if t <= frozen[1] and t + lat / 1e3 >= frozen[0]), default=0.0)
+            pause = longest_wait(trace, (s for c in clients for s in c.stats.samples),
+                                 "quiesced", "resumed")
             restore = trace.get("restore", {})
             sessions = max(1, trace["sessions"])
             transfer_ms = (trace["pause_ms"] - trace["dump_ms"] - restore.get("restore_call_ms", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,3 +39,13 @@ class Trace:
             "marks": [{"name": n, "ms": round(t, 3)} for n, t in self.marks],
             **self.info,
         }
+
+
+def longest_wait(trace: dict[str, Any], samples: Iterable[tuple[float, float]],
+                 start: str, end: str) -> float:
+    """The pause a user saw in one migration: the slowest round trip (ms) among
+    `samples` ((sent at, ms), CLOCK_MONOTONIC) that overlapped the window between
+    marks `start` and `end` of `trace` (a Trace.as_dict, taken on this machine)."""
+    at = {m["name"]: trace["t0_monotonic"] + m["ms"] / 1e3 for m in trace["marks"]}
+    lo, hi = at[start], at[end]
+    return max((ms for t, ms in samples if t <= hi and t + ms / 1e3 >= lo), default=0.0)
