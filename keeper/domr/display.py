@@ -7,13 +7,16 @@ binds both ports. After a move the same pages are mapped again from the new host
 and the same ports are already there (S6, S7).
 
 The framebuffer is what VNC sessions read (`read`, BGRX rows); update events from
-the guest become damage for them. Typed keys and the pointer go into the vkbd ring.
+the guest become damage for them. Typed keys and the pointer go into the vkbd ring,
+one key's events all or none; when it is full they wait in the VNC session until
+the guest notifies that it consumed events (like the console's `in`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import struct
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keeper.errors import KeeperError
+from keeper.errors import KeeperError, ProtocolError
 from keeper.vmm.hypercall import HypercallClient
 from keeper.xen import events as ev
 from keeper.xen.console import RawPage
+
+log = logging.getLogger("keeper.display")
 
 PAGE = 4096
 Rect = tuple[int, int, int, int]
@@ -55,6 +60,7 @@ class DisplayBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
         self.on_damage: Callable[[list[Rect]], None] = lambda rects: None
+        self.on_room: Callable[[], None] = lambda: None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -118,30 +124,44 @@ class DisplayBackend:
         assert self._pixels is not None
         return self._pixels[y:y + h, x * 4:(x + w) * 4].tobytes()
 
-    def key(self, keycode: int, pressed: bool) -> None:
-        self._send([ev.key_event(keycode, pressed)])
-
-    def pointer(self, x: int, y: int) -> None:
-        self._send([ev.pos_event(x, y)])
-
-    def _send(self, events: list[bytes]) -> None:
+    def put_input(self, group: list[tuple[str, int, int]]) -> bool:
+        """Put one input group (a key's Shift-press, press, Shift-release; or a pointer
+        position) into the vkbd ring, all or none, and notify the guest. False: not
+        now (quiesced, or the ring lacks room); `on_room` is called when the guest
+        has consumed events, and the caller keeps the group until then."""
         if self._kbd is None or not self._reading:
-            raise KeeperError("the keyboard is not connected")
-        if ev.put(self._kbd, ev.KBD_IN, events, peer="Domain U") != len(events):
-            raise KeeperError("the keyboard ring is full")  # the guest stopped reading
+            return False
+        events = [ev.key_event(a, bool(b)) if kind == "key" else ev.pos_event(a, b)
+                  for kind, a, b in group]
+        try:
+            if not ev.put(self._kbd, ev.KBD_IN, events, peer="Domain U", all_or_none=True):
+                return False
+        except ProtocolError as exc:  # the guest corrupted its ring: hold input, say so
+            log.error("vkbd ring: %s", exc)
+            return False
         os.eventfd_write(self._fds["kbd"][1], 1)
+        return True
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         if not self._reading and "fb" in self._fds:
             loop.add_reader(self._fds["fb"][0], self._on_fb)
+            loop.add_reader(self._fds["kbd"][0], self._on_kbd)
             self._reading = True
         self._on_fb()
+        self.on_room()  # input held while we were stopped may go in now
 
     def stop(self) -> None:
         if self._reading and self._loop is not None:
             self._loop.remove_reader(self._fds["fb"][0])
+            self._loop.remove_reader(self._fds["kbd"][0])
         self._reading = False
+
+    def _on_kbd(self) -> None:
+        """The guest consumed keyboard events: there is room for held input."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._fds["kbd"][0])
+        self.on_room()
 
     def _on_fb(self) -> None:
         if self._fb is None:
@@ -149,7 +169,12 @@ class DisplayBackend:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._fds["fb"][0])
         rects = []
-        for raw in ev.take(self._fb, ev.FB_OUT, peer="Domain U"):
+        try:
+            updates = ev.take(self._fb, ev.FB_OUT, peer="Domain U")
+        except ProtocolError as exc:  # a broken guest must not take the event loop down
+            log.error("vfb ring: %s", exc)
+            return
+        for raw in updates:
             upd = ev.parse_update(raw)
             if upd is not None:
                 x, y, w, h = upd

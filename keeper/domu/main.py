@@ -118,6 +118,7 @@ class Guest:
         if progress:
             os.eventfd_write(self.notify_fd, 1)
         if self.os.display is not None and self.os.display.service_keyboard():
+            os.eventfd_write(self.kbd_fds[1], 1)  # room in the vkbd ring: held keys may come
             os.eventfd_write(self.fb_fds[1], 1)  # the screen changed: tell the vfb backend
 
     def _pause(self) -> bool:

@@ -19,7 +19,6 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from keeper.errors import ProtocolError
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -40,6 +39,10 @@ class VncSessionState:
     rfb: rfb.RfbState
     out: bytes = b""  # produced, not yet taken by the kernel
     damage: list[list[int]] = field(default_factory=list)
+    # input read from the viewer, not yet taken by the display: one group per key
+    # (its events go in all or none) or pointer position; while any waits, we stop
+    # reading the viewer's socket, so TCP flow control holds the viewer back
+    pending_input: list[list[tuple[str, int, int]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -48,14 +51,19 @@ class VncCheckpoint:
     tcp: TcpRepairRecord
 
 
+InputGroup = list[tuple[str, int, int]]  # ("key", KEY_*, 1|0) or ("pos", x, y)
+
+
 class Display:
-    """What VNC needs from the display backend (keeper.domr.display.DisplayBackend)."""
+    """What VNC needs from a display (keeper.domr.display.DisplayBackend for the
+    simulated guest). `put_input` takes a group all or none and says False when it
+    cannot now; it then calls `on_room` (set by VncHost) when it can again."""
 
     width: int
     height: int
     read: Callable[[int, int, int, int], bytes]
-    key: Callable[[int, bool], None]
-    pointer: Callable[[int, int], None]
+    put_input: Callable[[InputGroup], bool]
+    on_room: Callable[[], None]
 
 
 class VncConn(SocketPump):
@@ -66,7 +74,8 @@ class VncConn(SocketPump):
 
     def start(self) -> None:
         self.sock.setblocking(False)
-        self.want(read=True, write=bool(self.state.out))
+        self.push_input()
+        self.want(read=not self.state.pending_input, write=bool(self.state.out))
         self.maybe_update()
         self.flush()
 
@@ -86,33 +95,39 @@ class VncConn(SocketPump):
         self.flush()
 
     def _handle(self, events: list[rfb.Event]) -> None:
-        disp = self.host.display
+        pending = self.state.pending_input
         for event in events:
             if isinstance(event, rfb.KeyEvent):
                 keys = keysym_to_keys(event.keysym)
                 if keys is None:
                     continue
                 code, shift = keys
-                try:
-                    if event.down:
-                        if shift:
-                            disp.key(KEY_LEFTSHIFT, True)
-                        disp.key(code, True)
-                        if shift:
-                            disp.key(KEY_LEFTSHIFT, False)
-                    else:
-                        disp.key(code, False)
-                except ProtocolError:
-                    raise
-                except Exception as exc:  # the guest's ring full: this key is refused
-                    log.warning("key dropped: %s", exc)
-                self.host.keys += int(event.down)
+                if not event.down:
+                    pending.append([("key", code, 0)])
+                    continue
+                group = [("key", code, 1)]
+                if shift:  # a US keymap's Shift for this keysym, around the press only
+                    group = [("key", KEY_LEFTSHIFT, 1), *group, ("key", KEY_LEFTSHIFT, 0)]
+                pending.append(group)
+                self.host.keys += 1
             elif isinstance(event, rfb.PointerEvent):
-                with contextlib.suppress(Exception):
-                    disp.pointer(event.x, event.y)
+                pos = [("pos", event.x, event.y)]
+                if pending and pending[-1][0][0] == "pos":
+                    pending[-1] = pos  # absolute positions: only the latest matters
+                else:
+                    pending.append(pos)
             elif isinstance(event, rfb.UpdateRequested) and not event.incremental:
                 self.state.damage.append([event.x, event.y, event.w, event.h])
+        self.push_input()
         self.maybe_update()
+
+    def push_input(self) -> None:
+        """Hand waiting input to the display, in order, as far as it takes it."""
+        pending, put = self.state.pending_input, self.host.display.put_input
+        n = 0
+        while n < len(pending) and put(pending[n]):
+            n += 1
+        del pending[:n]
 
     def damage(self, rects: list[tuple[int, int, int, int]]) -> None:
         self.state.damage.extend([list(r) for r in rects])
@@ -143,7 +158,7 @@ class VncConn(SocketPump):
                 self.close(f"send: {exc}")
                 return
             self.state.out = self.state.out[n:]
-        self.want(read=True, write=bool(self.state.out))
+        self.want(read=not self.state.pending_input, write=bool(self.state.out))
         if not self.state.out:
             self.maybe_update()
 
@@ -173,18 +188,33 @@ class VncHost:
         self._next_id = 1
         self._incoming: list[tuple[VncSessionState, socket.socket]] = []
         self.keys = self.frames = 0
+        self.serving = False
+        display.on_room = self.on_room
 
     def bind(self) -> None:
         self.acceptor.bind()
 
     def start(self) -> None:
         self.acceptor.start(self.loop)
+        self.serving = True
+        self.on_room()  # input held across a stop or a move
 
     def stop(self) -> None:
         """Quiesce: no accepting, no reading or writing on any session."""
+        self.serving = False
         self.acceptor.stop()
         for conn in self.conns.values():
             conn.stop()
+
+    def on_room(self) -> None:
+        """The display can take input again: sessions hand over what they hold, and
+        the ones that hold nothing any more read their viewers again."""
+        if not self.serving:
+            return
+        for conn in list(self.conns.values()):
+            if conn.state.pending_input:
+                conn.push_input()
+                conn.flush()
 
     def _on_accept(self, sock: socket.socket) -> None:
         core = rfb.RfbServer(width=self.display.width, height=self.display.height,
@@ -239,8 +269,8 @@ class VncHost:
             conn.start()
 
     def status(self) -> list[dict[str, object]]:
-        return [{"id": c.state.id, "phase": c.core.phase.value, "out": len(c.state.out)}
-                for c in self.conns.values()]
+        return [{"id": c.state.id, "phase": c.core.phase.value, "out": len(c.state.out),
+                 "pending_input": len(c.state.pending_input)} for c in self.conns.values()]
 
     def close(self) -> None:
         self.acceptor.close()

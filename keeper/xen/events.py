@@ -47,10 +47,15 @@ def _indices(page: PageIO, ring: Ring, who: str) -> tuple[int, int]:
     return cons, prod
 
 
-def put(page: PageIO, ring: Ring, events: list[bytes], *, peer: str) -> int:
-    """Produce as many events as there is room for; return how many went in."""
+def put(page: PageIO, ring: Ring, events: list[bytes], *, peer: str,
+        all_or_none: bool = False) -> int:
+    """Produce as many events as there is room for; return how many went in. With
+    `all_or_none`, a batch that does not fit entirely is not started (a key's
+    Shift-press, press and Shift-release belong together)."""
     cons, prod = _indices(page, ring, peer)
     room = ring.slots - ((prod - cons) & 0xFFFFFFFF)
+    if all_or_none and room < len(events):
+        return 0
     n = min(room, len(events))
     for i in range(n):
         ev = events[i]

@@ -1,5 +1,7 @@
 """Run by tests/vnc/test_vnc_lab.py inside the lab's client namespace: vncdotool (a
-real third-party VNC client) types TEXT slowly, then saves the screen it received."""
+real third-party VNC client) types TEXT (every PERIOD seconds, or as fast as it can
+with 0), then saves the screen it received. The screen request queues behind the
+keys, so with a slow guest the capture waits for all of them (TIMEOUT)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import time
 from vncdotool import api
 
 
-def main(addr: str, text: str, out: str, period: float) -> int:
-    client = api.connect(addr, timeout=20)
+def main(addr: str, text: str, out: str, period: float, timeout: float = 20) -> int:
+    client = api.connect(addr, timeout=timeout)
     try:
         client.refreshScreen()
         for ch in text:
             client.keyPress("enter" if ch == "\r" else ch)
-            time.sleep(period)
+            if period:
+                time.sleep(period)
         time.sleep(1.0)
         client.refreshScreen()
         client.captureScreen(out)
@@ -27,4 +30,4 @@ def main(addr: str, text: str, out: str, period: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], *map(float, sys.argv[4:6])))
