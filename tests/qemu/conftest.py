@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import shutil
 import socket
+import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ def guest_image() -> GuestImage:
     img = image.load()
     if img is None:
         pytest.skip("guest image not built: run scripts/setup (python -m keeper.qemu.image)")
+    try:
+        # rebuilt if the guest's sources changed since setup (the .deb is cached)
+        img, _ = image.build(img.cache)
+    except (image.ImageError, OSError) as exc:
+        warnings.warn(f"guest image may be stale, rebuilding failed: {exc}", stacklevel=1)
     return img
 
 

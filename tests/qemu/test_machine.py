@@ -72,6 +72,13 @@ async def test_boot_serial_shell_and_journal(machines: MachineFactory,
     console = await booted_console(m)
     boot_s = time.monotonic() - t0
     print(f"boot to prompt: {boot_s:.1f} s ({m.accel})")
+    assert stat.S_IMODE(m.paths.journal.stat().st_mode) == 0o600
+    assert m.paths.vnc is not None
+    vnc = await Console.unix(m.paths.vnc)
+    try:
+        await vnc.wait_for(b"RFB 003.008\n", timeout=10)
+    finally:
+        await vnc.close()
     try:
         assert journal.kernel_release(m.journal_records()) == guest_image.release
         assert await m.status() == "running"
