@@ -95,11 +95,14 @@ def load(cache: Path | None = None) -> GuestImage | None:
         return None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return None
-    image = GuestImage(
-        cache=cache, kernel=cache / meta["kernel"], initrd=cache / meta["initrd"],
-        release=meta["release"], package=meta["package"], version=meta["version"],
-        cmdline=meta["cmdline"], key=meta["key"], modules=tuple(meta.get("modules", ())),
-    )
+    try:
+        image = GuestImage(
+            cache=cache, kernel=cache / meta["kernel"], initrd=cache / meta["initrd"],
+            release=meta["release"], package=meta["package"], version=meta["version"],
+            cmdline=meta["cmdline"], key=meta["key"], modules=tuple(meta.get("modules", ())),
+        )
+    except (KeyError, TypeError):
+        return None  # a damaged metadata file: build() makes a new one
     if not (image.kernel.is_file() and image.initrd.is_file()):
         return None
     return image
