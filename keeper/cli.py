@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from keeper import ports
+from keeper.arp.garp import DEFAULT_SCHEDULE
 from keeper.errors import KeeperError
 
 
@@ -58,8 +60,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(f"  client: netns {spec.client_ns}, {spec.client_ip}")
         if guest is not None:
             print(f"  guest1 on host {guest['host']}: its console through Domain R at "
-                  f"{guest['ip']}:2323 (raw) and :22 (ssh)")
-            print(f"    ip netns exec {spec.client_ns} telnet {guest['ip']} 2323")
+                  f"{guest['ip']}:{ports.CONSOLE} (raw) and :{ports.SSH} (ssh)")
+            print(f"    ip netns exec {spec.client_ns} telnet {guest['ip']} {ports.CONSOLE}")
             key = spec.ssh_dir / "id_ed25519"
             print(f"    ip netns exec {spec.client_ns} ssh -i {key} admin@{guest['ip']}")
         return 0
@@ -91,7 +93,7 @@ def cmd_domr(args: argparse.Namespace) -> int:
         doc = asyncio.run(ops.create_domr(spec, args.name, args.host, index=args.index,
                                           announce_schedule=args.announce_schedule))
         print(f"Domain R {doc['name']} on host {doc['host']}: {doc['ip']} {doc['mac']}, "
-              f"console on port 2323")
+              f"console on port {ports.CONSOLE}")
         return 0
     host = asyncio.run(ops.where(spec, args.name))
     asyncio.run(ops.call(spec, host, "DELETE", f"/domr/{args.name}"))
@@ -110,7 +112,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
                                            event_delay_ms=args.event_delay_ms,
                                            mode=args.mode))
         print(f"guest {doc['name']} on host {doc['host']}: console through Domain R at "
-              f"{doc['ip']}:2323")
+              f"{doc['ip']}:{ports.CONSOLE}")
         return 0
     doc = asyncio.run(ops.journal(spec, args.name))
     if args.json:
@@ -209,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--host", default="a")
     c.add_argument("--index", type=int, default=None, help="address index (IP .100+N)")
-    c.add_argument("--announce-schedule", default="0,20,100,300",
+    c.add_argument("--announce-schedule", default=DEFAULT_SCHEDULE,
                    help="gratuitous ARP offsets in ms after each move")
     c.add_argument("--lab", default="keeper")
     c.set_defaults(func=cmd_domr)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import types
+import typing
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from keeper.errors import KeeperError, LabError
+from keeper.errors import BadRequest, KeeperError, LabError
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def guarded(log: logging.Logger | None = None) -> Callable[[Handler], Handler]:
-    """Turn our errors into JSON: unknown thing → 404, refused in this state → 409.
+    """Turn our errors into JSON: malformed request → 400, unknown thing → 404, refused
+    in this state → 409.
     Anything else is a bug and stays a 500 with a traceback in the log."""
 
     def wrap(fn: Handler) -> Handler:
@@ -22,6 +28,8 @@ def guarded(log: logging.Logger | None = None) -> Callable[[Handler], Handler]:
                 log.info("%s %s", request.method, request.path)
             try:
                 return await fn(request)
+            except BadRequest as exc:
+                return web.json_response({"error": str(exc)}, status=400)
             except LabError as exc:
                 return web.json_response({"error": str(exc)}, status=404)
             except KeeperError as exc:
@@ -30,3 +38,59 @@ def guarded(log: logging.Logger | None = None) -> Callable[[Handler], Handler]:
         return handler
 
     return wrap
+
+
+async def body(request: web.Request, cls: type[T]) -> T:
+    """The request's JSON body as dataclass `cls`, checked once: a missing field or a
+    wrong type is a BadRequest naming it (a 400), never a KeyError (a 500)."""
+    try:
+        doc = await request.json()
+    except ValueError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    return parse(cls, doc)
+
+
+def parse(cls: type[T], doc: Any) -> T:
+    if not isinstance(doc, dict):
+        raise BadRequest(f"expected a JSON object for {cls.__name__}, got {type(doc).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(doc) - set(fields)
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in doc:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BadRequest(f"missing field {name!r}")
+            continue
+        out[name] = _check(name, hints[name], doc[name])
+    return cls(**out)
+
+
+def _check(name: str, kind: Any, value: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(kind)
+        if value is None and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BadRequest(f"field {name!r} must be a list")
+        (item,) = typing.get_args(kind) or (Any,)
+        return [_check(name, item, v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BadRequest(f"field {name!r} must be an object")
+        return value
+    if kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, bool):
+        raise BadRequest(f"field {name!r} must be a number, not a boolean")
+    if isinstance(kind, type) and not isinstance(value, kind):
+        raise BadRequest(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from keeper import ports
 from keeper.errors import KeeperError
 from keeper.lab import ops, topology
 from keeper.lab.sshclient import SshLink
@@ -44,13 +45,13 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
                   say: Any) -> Typist | VncTypist:
     prompt = f"{GUEST}:~$ ".encode()
     if rms == "vnc":
-        say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:5900")
-        say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:5900   "
+        say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:{ports.VNC}")
+        say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:{ports.VNC}   "
             "(any VNC viewer; see the README)")
-        return await VncTypist.connect(spec.client_ns, (ip, 5900))
+        return await VncTypist.connect(spec.client_ns, (ip, ports.VNC))
     if rms == "console":
-        say(f"{GUEST}'s console through Domain R at {ip}:2323 (raw TCP)")
-        say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} 2323")
+        say(f"{GUEST}'s console through Domain R at {ip}:{ports.CONSOLE} (raw TCP)")
+        say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} {ports.CONSOLE}")
         return await Typist.over_tcp(spec.client_ns, (ip, 2323), prompt=prompt)
     key = spec.ssh_dir / "id_ed25519"
     say(f"{GUEST}'s console through Domain R over SSH at {ip}:22, OpenSSH as the client")

@@ -46,5 +46,10 @@ class MigrationError(KeeperError):
     """A migration failed; the domains keep running on the source."""
 
 
+class BadRequest(KeeperError):
+    """A request to one of our APIs is malformed (a missing field, a wrong type): the
+    caller's fault, answered with a 400 and the reason."""
+
+
 class LabError(KeeperError):
     """The lab topology is missing or inconsistent."""

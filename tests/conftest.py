@@ -56,7 +56,7 @@ def lab_processes(name: str) -> list[int]:
     """PIDs of live processes whose command line names lab `name` (agents, Domain Rs)."""
     from pathlib import Path
 
-    from keeper.lab import procs
+    from keeper.hostd import procs
 
     found = []
     for proc in Path("/proc").iterdir():

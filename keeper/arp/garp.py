@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from keeper.errors import KernelError
 
 DEFAULT_SCHEDULE_MS: tuple[int, ...] = (0, 20, 100, 300)
+DEFAULT_SCHEDULE = ",".join(map(str, DEFAULT_SCHEDULE_MS))  # as the APIs and CLI spell it
 
 
 class Announcer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from keeper.arp.garp import DEFAULT_SCHEDULE
 from keeper.lab import netns
 
 
@@ -35,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--ssh-authorized-keys", help="public keys allowed to log in over SSH")
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")
     p.add_argument("--parent", type=int, default=0, help="the agent's PID (with --restore)")
-    p.add_argument("--announce-schedule", default="0,20,100,300",
-                   help="gratuitous ARP offsets in ms after resume (default 0,20,100,300)")
+    p.add_argument("--announce-schedule", default=DEFAULT_SCHEDULE,
+                   help="gratuitous ARP offsets in ms after resume (default %(default)s)")
     p.add_argument("--no-announce", action="store_true",
                    help="resume silently: no gratuitous ARP, no window probe (tests)")
     p.set_defaults(func=run)

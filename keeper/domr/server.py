@@ -6,7 +6,7 @@ is in exactly one place we can checkpoint: the session's `pending_out`, or the
 kernel's send queue (taken by TCP repair). asyncio transports would hide a write
 buffer we could not checkpoint.
 
-Lifecycle seen by the host agent (see keeper.hostd.mm_r for the order it drives):
+Lifecycle seen by the host agent (see keeper.migrate.domr for the order it drives):
 
     serving --quiesce--> quiesced --checkpoint--> dumped --commit--> (exit)
        ^                    |                        |
@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from keeper import ports
 from keeper.arp.garp import DEFAULT_SCHEDULE_MS
 from keeper.console.raw import OUTPUT_HIGH_WATER, RawSession
 from keeper.domr import checkpoint as ck
@@ -40,7 +41,6 @@ from keeper.vnc.server import VncHost
 
 log = logging.getLogger("keeper.domr")
 
-CONSOLE_PORT = 2323
 SEND_CHUNK = 1 << 20
 
 
@@ -142,7 +142,7 @@ class MoveStats:
 class DomainR:
     def __init__(
         self, name: str, ip: str, mac: str, *, iface: str = "eth0",
-        console_port: int = CONSOLE_PORT, announce: bool = True,
+        console_port: int = ports.CONSOLE, announce: bool = True,
         announce_schedule: tuple[int, ...] = DEFAULT_SCHEDULE_MS,
         device: Device | None = None, ssh: SshConfig | None = None,
         display: DisplayBackend | None = None,

@@ -20,16 +20,25 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from keeper.domu.layout import ConsoleState
-from keeper.domu.memory import PAGE
+from keeper.domu.layout import ConsoleState, Journal, Layout
+from keeper.domu.memory import PAGE, GuestMemory
 from keeper.xen import events as ev
 
-if TYPE_CHECKING:
-    from keeper.domu.guestos import GuestOS
+
+class Tty(Protocol):
+    """What the screen's terminal needs of the guest OS (keeper.domu.guestos.GuestOS):
+    its memory and layout, the input journal, the line discipline and the prompt."""
+
+    mem: GuestMemory
+    layout: Layout
+    _journal: Journal
+
+    def _line_discipline(self, data: bytes, st: ConsoleState | None = None) -> bytes: ...
+    def _prompt(self) -> bytes: ...
 
 WIDTH, HEIGHT, DEPTH = 800, 600, 32
 CELL_W, CELL_H = 8, 16
@@ -74,7 +83,7 @@ def glyph(ch: int) -> bytes:
 
 
 class Display:
-    def __init__(self, gos: GuestOS) -> None:
+    def __init__(self, gos: Tty) -> None:
         self.gos = gos
         self.mem = gos.mem
         base = gos.layout.dev_pfn

@@ -1,5 +1,5 @@
 """Guests on a host: Domain U (memory, guest process) and its Domain R, as the agent
-sees them. The co-migration itself is keeper.migrate.coordinator; this module holds
+sees them. The co-migration itself is keeper.migrate (plans, sim); this module holds
 the per-host pieces it drives: create, pause/resume, incoming memory, S6 on the
 target, and the guest process lifecycle.
 """
@@ -14,17 +14,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from keeper.domu.guestos import GuestOS
 from keeper.domu.memory import GuestMemory
 from keeper.errors import KeeperError, LabError
-from keeper.lab import procs
+from keeper.hostd import procs
 from keeper.vmm.hypercall import HypercallServer
-from keeper.vmm.hypervisor import Domain
-
-if TYPE_CHECKING:
-    from keeper.hostd.agent import HostAgent
+from keeper.vmm.hypervisor import Domain, Hypervisor
 
 log = logging.getLogger("keeper.hostd.guests")
 CTL_TIMEOUT = 10.0
@@ -48,29 +44,28 @@ class GuestEntry:
 
 
 class Guests:
-    def __init__(self, agent: HostAgent) -> None:
-        self.agent = agent
-        self.hv = agent.hv
+    def __init__(self, hv: Hypervisor, host: str, rundir: Path) -> None:
+        self.hv, self.host, self.rundir = hv, host, rundir
         self.entries: dict[str, GuestEntry] = {}
 
     def get(self, name: str) -> GuestEntry:
         try:
             return self.entries[name]
         except KeyError:
-            raise LabError(f"no guest {name!r} on host {self.agent.host.name}") from None
+            raise LabError(f"no guest {name!r} on host {self.host}") from None
 
     def _hc_path(self, name: str, kind: str) -> str:
-        return str(self.agent.spec.rundir / f"hc-{name}-{kind}-{self.agent.host.name}.sock")
+        return str(self.rundir / f"hc-{name}-{kind}-{self.host}.sock")
 
     def label(self, name: str) -> str:
-        return f"domu-{name}-{self.agent.host.name}"
+        return f"domu-{name}-{self.host}"
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def create_domain(self, name: str, mem_bytes: int, *, event_delay_ms: float = 0.0,
                       dirty_rate: float = 0.0, state: str = "starting") -> GuestEntry:
         if name in self.entries:
-            raise LabError(f"guest {name} already exists on host {self.agent.host.name}")
+            raise LabError(f"guest {name} already exists on host {self.host}")
         u = self.hv.create_domain_u(name, mem_bytes)
         hc = HypercallServer(self.hv, u.domid, Path(self._hc_path(name, "u")))
         entry = GuestEntry(name, u, hc, event_delay_ms, dirty_rate, state=state)
@@ -89,7 +84,7 @@ class Guests:
         if resume:
             argv.append("--resume")
         try:
-            entry.proc = procs.spawn(self.agent.spec.rundir, self.label(entry.name), argv,
+            entry.proc = procs.spawn(self.rundir, self.label(entry.name), argv,
                                      pass_fds=(entry.u.mem_fd, entry.u.dirty_fd, child.fileno()))
         finally:
             child.close()
@@ -116,7 +111,7 @@ class Guests:
                               f"in {CTL_TIMEOUT:.0f} s") from None
         if got != want:
             raise KeeperError(f"guest {entry.name}: {what} failed (got {got!r}); see "
-                              f"{self.agent.spec.rundir / (self.label(entry.name) + '.log')}")
+                              f"{self.rundir / (self.label(entry.name) + '.log')}")
 
     async def wait_console(self, entry: GuestEntry, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -155,7 +150,7 @@ class Guests:
             await procs.reap(entry.proc)
         if entry.ctl is not None:
             entry.ctl.close()
-        procs.forget(self.agent.spec.rundir, self.label(name))
+        procs.forget(self.rundir, self.label(name))
         entry.hc_u.close()
         self.hv.destroy(entry.u.domid)
 
@@ -174,6 +169,6 @@ class Guests:
 
     def journal(self, name: str) -> dict[str, object]:
         gos = self._read_guest(name)
-        return {"name": name, "host": self.agent.host.name, "journal": gos.journal(),
+        return {"name": name, "host": self.host, "journal": gos.journal(),
                 "count": gos.journal_count(), "info": gos.info()}
 

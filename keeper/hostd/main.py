@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     netns.enter(spec.host(args.host).ns)  # first, before any thread exists
     import uvloop
 
-    from keeper.hostd.agent import serve
+    from keeper.hostd.serve import serve
 
     logging.getLogger().setLevel(logging.INFO)
     return uvloop.run(serve(spec, args.host, may_write=not args.no_may_write))

@@ -7,14 +7,11 @@ meaningful at scrape time (domains, sessions) is read then, by a collector.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-if TYPE_CHECKING:
-    from keeper.hostd.agent import HostAgent
 
 REGISTRY = CollectorRegistry()
 
@@ -43,11 +40,18 @@ def observe_migration(summary: dict[str, Any]) -> None:
     ROUNDS.inc(len(summary["rounds"]))
 
 
+class Observed(Protocol):
+    """What the scrape-time gauges read (the host agent)."""
+
+    hv: Any
+    guests: Any
+
+
 class _Live:
     """Gauges read at scrape time from the agent's state."""
 
     def __init__(self) -> None:
-        self.agent: HostAgent | None = None
+        self.agent: Observed | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         agent = self.agent
@@ -73,6 +77,6 @@ _live = _Live()
 REGISTRY.register(_live)  # type: ignore[arg-type]
 
 
-def render(agent: HostAgent) -> tuple[bytes, str]:
+def render(agent: Observed) -> tuple[bytes, str]:
     _live.agent = agent
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -12,6 +12,7 @@ import itertools
 import statistics
 from typing import Any
 
+from keeper import ports
 from keeper.lab import ops
 from keeper.lab.client import EchoClient
 from keeper.lab.topology import LabSpec
@@ -26,9 +27,10 @@ async def run_moves(spec: LabSpec, *, moves: int, typists: int = 3, bulk: bool =
     """Create r1 on the first host, run sessions through `moves` moves; return a summary."""
     first, second = spec.hosts[0].name, spec.hosts[1].name
     doc = await ops.create_domr(spec, DOM, first)
-    addr = (doc["ip"], 2323)
+    addr = (doc["ip"], ports.CONSOLE)
     say(f"Domain R {DOM} on host {first}: {doc['ip']} {doc['mac']}")
-    say(f"  watch it:  ip netns exec {spec.client_ns} nc {doc['ip']} 2323   (type; it echoes)")
+    say(f"  watch it:  ip netns exec {spec.client_ns} nc {doc['ip']} {ports.CONSOLE}"
+        "   (type; it echoes)")
     clients = [EchoClient(spec.client_ns, addr, i) for i in range(typists)]
     if bulk:
         clients.append(EchoClient(spec.client_ns, addr, 100))

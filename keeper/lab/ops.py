@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keeper.arp.garp import DEFAULT_SCHEDULE
 from keeper.errors import KeeperError, LabError, MigrationError
-from keeper.hostd import tls
-from keeper.hostd.client import Http
-from keeper.lab import procs, sshkeys, topology
+from keeper.hostd import procs, tls
+from keeper.http import Http
+from keeper.lab import sshkeys, topology
 from keeper.lab.topology import LabSpec
 from keeper.ssh.console import LOGIN
 
@@ -115,7 +116,7 @@ async def free_index(spec: LabSpec) -> int:
 
 async def create_domr(spec: LabSpec, dom: str, host: str, *, index: int | None = None,
                       announce: bool = True,
-                      announce_schedule: str = "0,20,100,300") -> dict[str, Any]:
+                      announce_schedule: str = DEFAULT_SCHEDULE) -> dict[str, Any]:
     if index is None:
         index = await free_index(spec)
     return await call(spec, host, "POST", "/domr",

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from keeper.errors import LabError
-from keeper.lab import netns, procs
+from keeper.hostd import procs
+from keeper.lab import netns
+from keeper.net import placement
 
 RUN_ROOT = Path("/run/keeper")
 NET = "198.18.0"  # 198.18.0.0/15 is the benchmarking range; a lab uses one /24 of it
@@ -70,8 +72,13 @@ class LabSpec:
     def agent_socket(self, host: str) -> Path:
         return self.rundir / f"hostd-{host}.sock"
 
+    def place_on(self, host: str) -> placement.Host:
+        """Where this lab's Domain Rs are placed on `host`."""
+        return placement.Host(name=host, ns=self.host(host).ns, prefix=self.name,
+                              prefixlen=PREFIXLEN)
+
     def domr_ns(self, dom: str, host: str) -> str:
-        return f"{self.name}-r-{dom}-{host}"
+        return self.place_on(host).domr_ns(dom)
 
     def domr_control(self, dom: str, host: str) -> Path:
         return self.rundir / f"domr-{dom}-{host}.sock"

@@ -1,1 +1,3 @@
-"""Migration managers (MM_R: Domain R; MM_U: Domain U) and the coordinator."""
+"""Migration: the S1..S7 core (sync), its asyncio driver, the three plans (co-migration,
+Domain R alone, the baseline), MM_R (domr), MM_U per hypervisor (sim), the peer
+protocol between agents (peer), the page stream and traces."""

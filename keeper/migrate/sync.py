@@ -28,7 +28,7 @@ time; an arrow is one manager waiting on the other; "…" marks the trace.
     LINK_U  (B binds U's channels to the same ports)
     S6  U may not resume before this
        └──────── U's memory complete on B ──► S7 RESTORE_R  (re-map R's pages, sockets)
-    RESUME_U ◄──────── R is restored ─────────────┘     ← the point of no return
+    RESUME_U ◄──────── R is restored ─────────────┘     ← done: the point of no return
       … U resumed  ───────────────────────────► RESUME_R  (link up, ARP, serve)
                                                  … R resumed
                                                COMMIT  (release the source copies)
@@ -42,12 +42,12 @@ before the VM runs on B either way.
 DOMR_MOVE (a Domain R alone, no U): PREPARE_R … prepared → STOP_R
 … quiesced (at issue) / dumped (at completion) → RESTORE_R → RESUME_R … resumed →
 COMMIT … source_released. The driver may add "link_down" inside STOP_R itself.
-Its point of no return is RESUME_R: from then on B's link may be up with R's MAC.
+Its point of no return is RESUME_R's completion: then B serves with R's IP and MAC.
 
 SOLO (the conventional baseline): CREATE_U … U created on target → ITERATE until
 converged → STOP_SERVERS … servers stopped → STOP_U … U stopped → FINAL_COPY →
 LINK_U → RESUME_U … U resumed → START_SERVERS … servers started → COMMIT … source
-released. Point of no return: RESUME_U.
+released. Point of no return: RESUME_U's completion.
 
 Marks. A "stopped"/"quiesced" mark comes with the action that stops (the driver
 records a Step's marks before it launches the Step's actions, so the mark is the
@@ -68,23 +68,26 @@ Rollback, which cannot be skipped:
      CREATE_U/PREPARE_R CANCEL_TARGET.
   2. On the first failure (or `cancel`) no forward action is issued any more. The
      core waits until every in-flight action has reported (done or failed).
-  3. If the point of no return has not been issued, it then issues every rollback
+  3. If the point of no return has not completed, it then issues every rollback
      action that applies, each exactly once:
         CANCEL_TARGET    if CREATE_U or PREPARE_R was issued (B's half-made pair)
-        UNPAUSE_U        if STOP_U was issued
+        UNPAUSE_U        if STOP_U was issued; if RESUME_U was issued (and failed),
+                         only after CANCEL_TARGET has reported
         RESTART_R        if STOP_R was issued, after UNPAUSE_U has reported
         RESTART_SERVERS  if STOP_SERVERS was issued, after UNPAUSE_U has reported
      R and the servers come back after U runs again because a stopped QEMU guest
      drops the input they would pass on (the same reason RESUME_R follows
-     RESUME_U). CANCEL_TARGET runs alongside: B never ran U or brought R's link
-     up, so nothing waits for an unreachable target. A failing rollback action
-     is recorded in `errors` and does not stop the others; when all have reported
-     the core finishes ROLLED_BACK.
-  4. If the point of no return was issued, nothing is rolled back: the core
-     finishes FAILED_AFTER_RESUME for the reliability work to handle. That
-     includes a failure of RESUME_U itself, which is ambiguous (B may have resumed
-     U before the error reached us): unpausing U here could run two copies of U,
-     which must never happen, while leaving it paused here loses nothing.
+     RESUME_U). Otherwise CANCEL_TARGET runs alongside, so nothing waits for an
+     unreachable target. A failing rollback action is recorded in `errors` and
+     does not stop the others; when all have reported the core finishes
+     ROLLED_BACK.
+  4. Once the point of no return has completed (U runs on B), nothing is rolled
+     back: the core finishes FAILED_AFTER_RESUME for the reliability work to
+     handle. A failure of RESUME_U itself is rolled back: the target said no,
+     or died (its guest dies with its agent), and CANCEL_TARGET removes what is
+     left before U runs here again. What stays open is the answer lost after B
+     resumed U (a partition at that instant): the window that the reliability
+     work's arbitration closes.
 
 Driver contract, in this order:
   1. `core = Core(plan)`; `step = core.start()`.
@@ -196,11 +199,13 @@ class Rule:
 @dataclass(frozen=True)
 class Undo:
     """A rollback action: applies if any of `if_issued` was issued; runs once the
-    rollback actions in `after` that apply have reported."""
+    rollback actions in `after` that apply have reported, and — for each (X, Y) of
+    `after_if` — once Y has reported if X was issued."""
 
     action: Action
     if_issued: frozenset[Action]
     after: frozenset[Action] = frozenset()
+    after_if: tuple[tuple[Action, Action], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ class Table:
     points: tuple[tuple[Point, frozenset[Cond]], ...]  # in the order they pass
     rules: tuple[Rule, ...]  # in the order they are issued when several become ready
     undo: tuple[Undo, ...]
-    no_return: Action  # once issued, nothing is rolled back
+    no_return: Action  # once it has completed, nothing is rolled back
     last: Action  # its completion ends the migration
 
 
@@ -217,8 +222,9 @@ def _rule(action: Action, *after: Cond, until: Cond | None = None,
     return Rule(action, frozenset(after), until, on_issue, on_done)
 
 
-def _undo(action: Action, *if_issued: Action, after: tuple[Action, ...] = ()) -> Undo:
-    return Undo(action, frozenset(if_issued), frozenset(after))
+def _undo(action: Action, *if_issued: Action, after: tuple[Action, ...] = (),
+          after_if: tuple[tuple[Action, Action], ...] = ()) -> Undo:
+    return Undo(action, frozenset(if_issued), frozenset(after), after_if)
 
 
 A, P = Action, Point
@@ -251,7 +257,8 @@ TABLES: dict[Plan, Table] = {
         ),
         undo=(
             _undo(A.CANCEL_TARGET, A.CREATE_U, A.PREPARE_R),
-            _undo(A.UNPAUSE_U, A.STOP_U),
+            # if RESUME_U was issued and failed, B's U must be gone before U runs here
+            _undo(A.UNPAUSE_U, A.STOP_U, after_if=((A.RESUME_U, A.CANCEL_TARGET),)),
             _undo(A.RESTART_R, A.STOP_R, after=(A.UNPAUSE_U,)),
         ),
         no_return=A.RESUME_U,
@@ -288,7 +295,8 @@ TABLES: dict[Plan, Table] = {
         ),
         undo=(
             _undo(A.CANCEL_TARGET, A.CREATE_U),
-            _undo(A.UNPAUSE_U, A.STOP_U),
+            # if RESUME_U was issued and failed, B's U must be gone before U runs here
+            _undo(A.UNPAUSE_U, A.STOP_U, after_if=((A.RESUME_U, A.CANCEL_TARGET),)),
             _undo(A.RESTART_SERVERS, A.STOP_SERVERS, after=(A.UNPAUSE_U,)),
         ),
         no_return=A.RESUME_U,
@@ -470,7 +478,7 @@ class Core:
         if self.phase is Phase.DRAINING:
             if self.running:
                 return
-            if table.no_return in self.issued:
+            if table.no_return in self.completed:
                 self._finish(Outcome.FAILED_AFTER_RESUME, out)
                 return
             self.phase = Phase.ROLLING_BACK
@@ -478,7 +486,8 @@ class Core:
             due = [u for u in table.undo if self._applies(u)]
             for u in due:
                 if u.action not in self.issued and all(
-                        self._reported(d.action) for d in due if d.action in u.after):
+                        self._reported(d.action) for d in due if d.action in u.after) and all(
+                        self._reported(y) for x, y in u.after_if if x in self.issued):
                     self._issue(u.action, out)
             if all(self._reported(u.action) for u in due):
                 self._finish(Outcome.ROLLED_BACK, out)

@@ -19,8 +19,14 @@ class Trace:
     marks: list[tuple[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self._t0) * 1e3
+
     def mark(self, name: str) -> None:
-        self.marks.append((name, (time.monotonic() - self._t0) * 1e3))
+        self.marks.append((name, self.elapsed_ms()))
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.marks]
 
     def at(self, name: str) -> float:
         for n, t in self.marks:

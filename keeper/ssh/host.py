@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncssh
 
+from keeper import ports
 from keeper.console.raw import RawSession
 from keeper.errors import NotMovable
 from keeper.net import tcprepair
@@ -28,7 +29,6 @@ from keeper.ssh.movable import SshSessionState
 
 log = logging.getLogger("keeper.ssh")
 
-SSH_PORT = 22
 QUIESCE_TIMEOUT = 2.0  # how long a move waits for a key exchange in flight to end
 
 
@@ -54,7 +54,7 @@ class SshCheckpoint:
 
 class SshHost:
     def __init__(self, cfg: SshConfig, ip: str, *, on_input: Callable[[RawSession], None],
-                 on_drained: Callable[[], None] = lambda: None, port: int = SSH_PORT) -> None:
+                 on_drained: Callable[[], None] = lambda: None, port: int = ports.SSH) -> None:
         self.cfg, self.ip, self.port = cfg, ip, port
         self.on_input = on_input
         self.on_drained = on_drained

@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from keeper import ports
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -28,7 +29,6 @@ from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
 
 log = logging.getLogger("keeper.vnc")
 
-VNC_PORT = 5900
 
 
 @dataclass(slots=True)
@@ -180,7 +180,7 @@ def _merge(rects: list[list[int]]) -> list[tuple[int, int, int, int]]:
 
 
 class VncHost:
-    def __init__(self, display: Display, ip: str, name: str, *, port: int = VNC_PORT) -> None:
+    def __init__(self, display: Display, ip: str, name: str, *, port: int = ports.VNC) -> None:
         self.display, self.ip, self.name, self.port = display, ip, name, port
         self.conns: dict[int, VncConn] = {}
         self.loop = asyncio.get_running_loop()

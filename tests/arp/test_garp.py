@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from keeper.arp import Announcer
-from keeper.lab import netns, placement
+from keeper.lab import netns
 from keeper.lab.topology import LabSpec
+from keeper.net import placement
 
 DOM, IP, MAC = "r1", "198.18.0.101", "02:6b:70:00:00:01"
 
@@ -21,15 +22,15 @@ def announcer_in(ns: str) -> Announcer:
 @pytest.mark.root
 def test_first_announcement_moves_the_mac(network: LabSpec) -> None:
     spec = network
-    old = placement.place(spec, "a", DOM, IP, MAC, link_up=True)
-    new = placement.place(spec, "b", DOM, IP, MAC, link_up=False)
+    old = placement.place(spec.place_on("a"), DOM, IP, MAC, link_up=True)
+    new = placement.place(spec.place_on("b"), DOM, IP, MAC, link_up=False)
     a, b = announcer_in(old), announcer_in(new)
     try:
         a.send_once()
         assert netns.fdb(spec.switch_ns, "sw0")[MAC] == "p-a"
 
-        placement.set_link(spec, "a", DOM, False)
-        placement.set_link(spec, "b", DOM, True)
+        placement.set_link(spec.place_on("a"), DOM, False)
+        placement.set_link(spec.place_on("b"), DOM, True)
         # Host A's bridge forgot the port that went down; the switch did not: its
         # uplink to host A is still up, so frames for the MAC still go there.
         assert netns.fdb(spec.switch_ns, "sw0")[MAC] == "p-a"
@@ -45,7 +46,7 @@ def test_first_announcement_moves_the_mac(network: LabSpec) -> None:
 
 @pytest.mark.root
 async def test_schedule_sends_every_round(network: LabSpec) -> None:
-    ns = await asyncio.to_thread(placement.place, network, "a", DOM, IP, MAC, link_up=True)
+    ns = await asyncio.to_thread(placement.place, network.place_on("a"), DOM, IP, MAC, link_up=True)
     a = announcer_in(ns)
     try:
         await a.announce((0, 10, 30))

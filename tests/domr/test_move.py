@@ -12,7 +12,8 @@ import hashlib
 import pytest
 
 from keeper.errors import KeeperError
-from keeper.lab import netns, ops, procs
+from keeper.hostd import procs
+from keeper.lab import netns, ops
 from keeper.lab.client import EchoClient, pattern
 from keeper.lab.topology import LabSpec
 

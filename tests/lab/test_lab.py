@@ -52,8 +52,8 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
         assert moved.returncode == 0, moved.stderr
         trace = json.loads(moved.stdout)
         assert [m["name"] for m in trace["marks"]] == [
-            "start", "prepared", "quiesced", "link_down", "dumped", "resumed",
-            "source_released"]
+            "start", "prepared", "quiesced", "dumped", "resumed", "source_released"]
+        assert trace["trace_ok"] and trace["link_down_ms"] >= 0
         status = json.loads(keeper("lab", "status", "--lab", name, "--json").stdout)
         assert {d["name"]: d["host"] for d in status["domains"]} == {"guest1": "a", "r1": "a"}
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from keeper.errors import KeeperError
-from keeper.lab import ops, procs
+from keeper.hostd import procs
+from keeper.lab import ops
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
 from keeper.vmm.hypercall import HypercallClient

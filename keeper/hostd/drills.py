@@ -1,0 +1,43 @@
+"""Failure drills: one-shot faults armed through the control API (tests, operators).
+
+`POST /debug/fault {"point": P, "action": "fail"|"crash"}` arms point P once: the
+next time the agent passes it, the request fails (a clean error, the migration rolls
+back) or the agent process dies on the spot (exit 70), as a crashed host would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from keeper.errors import BadRequest, KeeperError
+
+log = logging.getLogger("keeper.hostd")
+
+ACTIONS = ("fail", "crash")
+# where the agent checks for an armed fault, in the order a migration passes them
+POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "restored",
+          "guest_resume", "link_up")
+
+
+@dataclass
+class Drills:
+    armed: dict[str, str] = field(default_factory=dict)  # point -> action
+
+    def arm(self, point: str, action: str) -> dict[str, str]:
+        if action not in ACTIONS:
+            raise BadRequest(f"fault action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        if point not in POINTS:
+            raise BadRequest(f"unknown fault point {point!r}; points: {', '.join(POINTS)}")
+        self.armed[point] = action
+        return dict(self.armed)
+
+    def check(self, point: str) -> None:
+        """Pass `point`: fail or crash if a drill is armed there (once)."""
+        action = self.armed.pop(point, None)
+        if action == "crash":
+            log.warning("fault drill: crashing at %s", point)
+            os._exit(70)
+        if action == "fail":
+            raise KeeperError(f"fault drill: failing at {point}")

@@ -1,0 +1,114 @@
+"""Migrations from this host: the plans of keeper.migrate, given this agent's pieces.
+
+The plans know neither the agent nor the hypervisor; here they get what they drive:
+MM_U for the guest's hypervisor (the simulated VMM: keeper.migrate.sim), MM_R over
+the guest's Domain R (keeper.migrate.domr), the baseline's Dom0 servers, a typed
+peer client for the target.
+"""
+
+from __future__ import annotations
+
+from keeper.errors import KeeperError
+from keeper.hostd import metrics
+from keeper.hostd.agent import HostAgent
+from keeper.migrate.domr import DomrLink
+from keeper.migrate.peer import IncomingGuest, PrepareDomr
+from keeper.migrate.plans import CoMigration, DomrMove, GuestMigrator, Progress, SoloMigration
+from keeper.migrate.sim import SimGuest
+from keeper.migrate.trace import Trace
+
+
+class BaselineServers:
+    """The conventional baseline's servers: the guest's VNC/SSH/console servers in Dom0
+    (this agent's namespace, the host's address). They do not move: on a migration
+    they stop here and fresh ones start on the target (implements plans.Servers)."""
+
+    def __init__(self, agent: HostAgent, name: str, target: str) -> None:
+        self.agent, self.name, self.target = agent, name, target
+        self._stopped = False  # set before the stop that may be cancelled midway
+
+    async def stop(self) -> None:
+        self._stopped = True
+        await self.agent.stop_domr(self.name)  # the sessions end here
+
+    async def start_on_target(self) -> None:
+        await self.agent.peer(self.target).baseline_server(self.name)
+
+    async def restart(self) -> None:
+        """Rollback: the guest stays here, so do its servers, freshly started."""
+        if self._stopped and self.name not in self.agent.domrs:
+            await self.agent.start_baseline_servers(self.name)
+        self._stopped = False
+
+
+def domr_link(agent: HostAgent, name: str, target: str, *, guest: bool) -> DomrLink:
+    entry = agent.domr(name)
+    req = PrepareDomr(name=name, ip=entry.ip, mac=entry.mac, announce=entry.announce,
+                      announce_schedule=entry.announce_schedule, guest=guest)
+
+    async def set_link(up: bool) -> None:
+        await agent.set_link(name, up=up)
+
+    return DomrLink(req, entry.control, agent.peer(target), set_link=set_link,
+                    forget=lambda: agent.forget_domr(name))
+
+
+def guest_migrator(agent: HostAgent, name: str, target: str,
+                   progress: Progress | None) -> GuestMigrator:
+    g = agent.guests.get(name)
+    r = agent.domrs.get(name)
+    return SimGuest(
+        agent.hv, g.u, IncomingGuest(**g.spec()), agent.peer(target),  # type: ignore[arg-type]
+        r_domid=r.r_domid if r is not None else None,
+        pause=lambda: agent.guests.pause(g), unpause=lambda: agent.guests.unpause(g),
+        release=lambda: agent.guests.destroy(name), progress=progress)
+
+
+def _check_target(agent: HostAgent, name: str, target: str) -> None:
+    agent.spec.host(target)
+    if target == agent.host.name:
+        raise KeeperError(f"{name} is already on {target}")
+
+
+async def move_domr(agent: HostAgent, name: str, target: str) -> Trace:
+    """A stand-alone Domain R to another host (MM_R alone)."""
+    _check_target(agent, name, target)
+    entry = agent.domr(name)
+    entry.state = "moving"
+    try:
+        trace = await DomrMove(name, agent.host.name, target,
+                               domr_link(agent, name, target, guest=False)).run()
+    finally:
+        if name in agent.domrs:
+            entry.state = "running"
+    agent.moves += 1
+    return trace
+
+
+async def migrate_guest(agent: HostAgent, name: str, target: str,
+                        progress: Progress | None = None) -> dict[str, object]:
+    """Domain U and its Domain R to another host: co-migration, or the baseline's solo
+    migration when the guest's servers run in Dom0."""
+    _check_target(agent, name, target)
+    g, r = agent.guests.get(name), agent.domr(name)
+    guest = guest_migrator(agent, name, target, progress)
+    g.state = r.state = "moving"
+    try:
+        if r.baseline:
+            summary = await SoloMigration(name, agent.host.name, target, guest,
+                                          BaselineServers(agent, name, target),
+                                          progress=progress).run()
+        else:
+            summary = await CoMigration(name, agent.host.name, target, agent.peer(target),
+                                        guest, domr_link(agent, name, target, guest=True),
+                                        progress=progress).run()
+    except BaseException:
+        metrics.MIGRATIONS.labels(result="rolled_back").inc()
+        raise
+    finally:
+        for item in (agent.guests.entries.get(name), agent.domrs.get(name)):
+            if item is not None:
+                item.state = "running"
+    agent.moves += 1
+    metrics.observe_migration(summary)
+    return summary

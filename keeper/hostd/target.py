@@ -1,0 +1,158 @@
+"""The target half of a migration on this host: what the peer protocol's routes
+(keeper.migrate.peer.routes) call. Each method checks the state it needs, passes
+its failure drill, and does one step; cancels are idempotent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from keeper.errors import KeeperError
+from keeper.hostd import metrics
+from keeper.migrate import pagestream
+from keeper.migrate.peer import DeviceLinks, IncomingGuest, PrepareDomr, SoloLinks
+from keeper.net import placement
+
+if TYPE_CHECKING:
+    from keeper.hostd.agent import HostAgent
+
+
+class AgentTarget:
+    """Implements keeper.migrate.peer.Target for a host agent."""
+
+    def __init__(self, agent: HostAgent) -> None:
+        self.agent = agent
+
+    def identity(self) -> dict[str, Any]:
+        return {"host": self.agent.host.name, "mgmt_ip": self.agent.host.mgmt_ip}
+
+    # -- Domain U ------------------------------------------------------------------------
+
+    async def incoming_guest(self, req: IncomingGuest) -> dict[str, Any]:
+        a = self.agent
+        placement.check_name(req.name)
+        a.drills.check("incoming")
+        stale = a.guests.entries.get(req.name)
+        if stale is not None and stale.state == "incoming":
+            await a.guests.destroy(req.name)  # from an earlier, failed migration
+        entry = a.guests.create_domain(req.name, req.mem_bytes,
+                                       event_delay_ms=req.event_delay_ms,
+                                       dirty_rate=req.dirty_rate, state="incoming")
+        try:
+            await a.guests.start_process(entry, resume=True)  # waits for `go`
+        except BaseException:
+            await a.guests.destroy(req.name)
+            raise
+        entry.state = "incoming"
+        return {"domid": entry.u.domid}
+
+    async def apply_pages(self, name: str,
+                          read: Callable[[int], Awaitable[bytes]]) -> dict[str, Any]:
+        entry = self.agent.guests.get(name)
+        if entry.state != "incoming":
+            raise KeeperError(f"guest {entry.name} is {entry.state}, not incoming")
+        self.agent.drills.check("pages")
+        assert entry.u.mem is not None
+        written, nbytes = await pagestream.apply(read, memoryview(entry.u.mem), entry.u.pages)
+        metrics.PAGES_RECEIVED.inc(written)
+        return {"pages": written, "bytes": nbytes}
+
+    async def associate(self, name: str) -> dict[str, Any]:
+        a = self.agent
+        a.drills.check("associate")
+        r = a.domr(name)
+        if r.r_domid is None:
+            raise KeeperError(f"Domain R {name} serves no guest")
+        a.hv.associate(r.r_domid, a.guests.get(name).u.domid)
+        return {"r": r.r_domid}
+
+    async def restore_links(self, name: str, links: DeviceLinks) -> dict[str, Any]:
+        a = self.agent
+        entry = a.guests.get(name)
+        a.drills.check("evtchns")
+        r = a.domr(name)
+        if r.r_domid is None:
+            raise KeeperError(f"Domain R {name} serves no guest")
+        pairs = [(int(p[0]), int(p[1])) for p in links.pairs]
+        a.hv.restore_evtchns(r.r_domid, entry.u.domid, pairs)  # S6
+        entry.evtchns_ready = True
+        return {"pairs": pairs}
+
+    async def solo_links(self, name: str, links: SoloLinks) -> dict[str, Any]:
+        """The baseline: U's ports come back unbound (offered to Dom0), and the
+        toolstack re-creates U's XenStore entries so fresh backends can find it."""
+        a = self.agent
+        entry = a.guests.get(name)
+        for port in links.unbound:
+            a.hv.evtchn.alloc_unbound(entry.u.domid, 0, port=int(port))
+        for rel, value in links.xenstore.items():
+            a.hv.xs_write(0, f"/local/domain/{entry.u.domid}/{rel}", value)
+        entry.evtchns_ready = True
+        return {"ports": links.unbound}
+
+    async def resume_guest(self, name: str) -> dict[str, Any]:
+        entry = self.agent.guests.get(name)
+        if not entry.evtchns_ready:  # S6: never before the channels are back
+            raise KeeperError(f"guest {entry.name}: event channels not re-established")
+        self.agent.drills.check("guest_resume")
+        await self.agent.guests.go(entry)
+        return {"resumed": entry.name}
+
+    async def cancel_guest(self, name: str) -> dict[str, Any]:
+        entry = self.agent.guests.entries.get(name)
+        if entry is not None and entry.state == "incoming":
+            await self.agent.guests.destroy(name)
+        return {"cancelled": name}
+
+    async def baseline_server(self, name: str) -> dict[str, Any]:
+        entry = await self.agent.start_baseline_servers(name)
+        return {"ip": entry.ip}
+
+    # -- Domain R ------------------------------------------------------------------------
+
+    async def prepare_domr(self, req: PrepareDomr) -> dict[str, Any]:
+        a = self.agent
+        placement.check_name(req.name)
+        a.parse_schedule(req.announce_schedule)
+        a.drills.check("prepare")
+        stale = a.domrs.get(req.name)
+        if stale is not None and stale.state == "incoming":
+            await a.stop_domr(req.name)  # a leftover from an earlier, failed move
+        await a.start_domr(req.name, req.ip, req.mac, restore=True, announce=req.announce,
+                           announce_schedule=req.announce_schedule, guest=req.guest)
+        return {"ready": req.name}
+
+    async def restore_domr(self, name: str, checkpoint: bytes) -> dict[str, Any]:
+        a = self.agent
+        entry = a.domr(name)
+        if entry.state != "incoming":
+            raise KeeperError(f"Domain R {entry.name} is {entry.state}, not incoming")
+        a.drills.check("restore")
+        t0 = time.monotonic()
+        restored = await entry.control.call("POST", "/restore", data=checkpoint)
+        a.drills.check("restored")
+        entry.state = "restored"
+        return {"sessions": restored["sessions"], "restore_ms": restored["restore_ms"],
+                "restore_call_ms": (time.monotonic() - t0) * 1e3}
+
+    async def resume_domr(self, name: str) -> dict[str, Any]:
+        a = self.agent
+        entry = a.domr(name)
+        if entry.state != "restored":
+            raise KeeperError(f"Domain R {entry.name} is {entry.state}, not restored")
+        t1 = time.monotonic()
+        await a.set_link(entry.name, up=True)  # the source's link is down already
+        a.drills.check("link_up")
+        t2 = time.monotonic()
+        await entry.control.call("POST", "/resume")
+        entry.state = "running"
+        return {"link_up_ms": (t2 - t1) * 1e3, "resume_ms": (time.monotonic() - t2) * 1e3}
+
+    async def cancel_domr(self, name: str) -> dict[str, Any]:
+        a = self.agent
+        entry = a.domrs.get(name)
+        if entry is not None and entry.state in ("incoming", "restored"):
+            await a.set_link(name, up=False)
+            await a.stop_domr(name)
+        return {"cancelled": name}

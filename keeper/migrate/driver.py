@@ -1,0 +1,102 @@
+"""The asyncio side of the co-migration core (keeper.migrate.sync): runs its actions.
+
+`drive` feeds the core and does what each Step says: it records the Step's marks in
+the trace, launches its actions as tasks (several at once: the two managers run side
+by side), and reports each one's end back to the core, a timeout or an exception
+being a failure. Every action has a deadline. When the driver itself is cancelled
+it cancels and awaits what is in flight, tells the core, runs the rollback the core
+asks for under the rollback deadlines, and is then still cancelled: cancellation is
+never swallowed, and rollback is never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keeper.migrate.sync import ROLLBACK, Action, Core, Outcome, Step
+from keeper.migrate.trace import Trace
+
+log = logging.getLogger("keeper.migrate")
+
+ActionFn = Callable[[], Awaitable[Any]]
+DEFAULT_DEADLINE = 60.0
+ROLLBACK_DEADLINE = 15.0
+
+
+@dataclass
+class Result:
+    outcome: Outcome
+    errors: list[str] = field(default_factory=list)
+
+
+async def drive(core: Core, actions: Mapping[Action, ActionFn], trace: Trace, *,
+                deadlines: Mapping[Action, float] | None = None,
+                on_step: Callable[[Step], None] | None = None) -> Result:
+    """Run `core` to its end; return how it ended. Raises CancelledError (after the
+    rollback) if cancelled."""
+    deadlines = deadlines or {}
+    tasks: dict[asyncio.Task[Any], Action] = {}
+
+    def limit(action: Action) -> float:
+        return deadlines.get(action, ROLLBACK_DEADLINE if action in ROLLBACK
+                             else DEFAULT_DEADLINE)
+
+    async def run(action: Action) -> Any:
+        fn = actions.get(action)
+        if fn is None:
+            raise NotImplementedError(f"no {action.name} for this migration")
+        try:
+            return await asyncio.wait_for(fn(), limit(action))
+        except TimeoutError:
+            raise TimeoutError(f"{action.name} took more than {limit(action):.0f} s") from None
+
+    def apply(step: Step) -> None:
+        for mark in step.marks:
+            trace.mark(mark)
+        for err in step.errors:
+            log.warning("%s %s: %s", trace.kind, trace.domain, err)
+        if on_step is not None:
+            on_step(step)
+        for action in step.start:
+            tasks[asyncio.create_task(run(action), name=action.name)] = action
+
+    def report(task: asyncio.Task[Any]) -> Step:
+        action = tasks.pop(task)
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is not None:
+            return core.failed(action, _why(exc))
+        return core.done(action, bool(task.result()) if action is Action.ITERATE else None)
+
+    step = core.start()
+    apply(step)
+    try:
+        while not step.finished:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: t.get_name()):  # deterministic order
+                step = report(task)
+                apply(step)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()
+        step = core.cancel()
+        apply(step)
+        while not step.finished:  # the rollback, each step under its own deadline
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                step = report(task)
+                apply(step)
+        raise
+    assert core.outcome is not None
+    return Result(core.outcome, list(core.errors))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return str(exc) or type(exc).__name__

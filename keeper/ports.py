@@ -1,0 +1,8 @@
+"""The ports Domain R serves on its own address (and the baseline on the host's)."""
+
+CONSOLE = 2323  # the raw console (telnet, nc)
+SSH = 22
+VNC = 5900
+
+GUEST_SERVICES = {"console": CONSOLE, "ssh": SSH, "vnc": VNC}
+ECHO_SERVICES = {"console": CONSOLE}  # a stand-alone Domain R: the echo service
