@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task[object]) -> BaseException | None:
@@ -19,3 +24,16 @@ async def cancel_and_wait(task: asyncio.Task[object]) -> BaseException | None:
     except Exception as exc:
         return exc
     return None
+
+
+async def uninterrupted(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end even if we are cancelled meanwhile, then let the
+    cancellation through. For request/answer exchanges on a stream (a guest's control
+    socket): cut in the middle, the next request would read this one's answer."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise

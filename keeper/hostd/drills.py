@@ -3,6 +3,9 @@
 `POST /debug/fault {"point": P, "action": "fail"|"crash"}` arms point P once: the
 next time the agent passes it, the request fails (a clean error, the migration rolls
 back) or the agent process dies on the spot (exit 70), as a crashed host would.
+`{"point": ACTION, "action": "cancel"}` (ACTION one of keeper.migrate.sync.Action's
+names) cancels the next migration run from this host just after it launched that
+action: the rollback a cancelled migration must do, drilled at every step.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import os
 from dataclasses import dataclass, field
 
 from keeper.errors import BadRequest, KeeperError
+from keeper.migrate.sync import Action
 
 log = logging.getLogger("keeper.hostd")
 
-ACTIONS = ("fail", "crash")
+ACTIONS = ("fail", "crash", "cancel")
 # where the agent checks for an armed fault, in the order a migration passes them
 POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "restored",
           "guest_resume", "link_up")
+STEPS = tuple(a.name for a in Action)
 
 
 @dataclass
@@ -28,10 +33,19 @@ class Drills:
     def arm(self, point: str, action: str) -> dict[str, str]:
         if action not in ACTIONS:
             raise BadRequest(f"fault action must be one of {', '.join(ACTIONS)}, not {action!r}")
-        if point not in POINTS:
-            raise BadRequest(f"unknown fault point {point!r}; points: {', '.join(POINTS)}")
+        points = STEPS if action == "cancel" else POINTS
+        if point not in points:
+            raise BadRequest(f"unknown fault point {point!r} for {action}; points: "
+                             f"{', '.join(points)}")
         self.armed[point] = action
         return dict(self.armed)
+
+    def take_cancel(self, action: str) -> bool:
+        """True (once) if a cancel drill is armed at migration step `action`."""
+        if self.armed.get(action) == "cancel":
+            del self.armed[action]
+            return True
+        return False
 
     def check(self, point: str) -> None:
         """Pass `point`: fail or crash if a drill is armed there (once)."""

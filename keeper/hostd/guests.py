@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from keeper.aio import uninterrupted
 from keeper.domu.guestos import GuestOS
 from keeper.domu.memory import GuestMemory
 from keeper.errors import KeeperError, LabError
@@ -123,9 +124,15 @@ class Guests:
 
     async def _command(self, entry: GuestEntry, cmd: bytes, answer: bytes,
                        what: str) -> None:
+        """One request and its answer, never cut in half (see aio.uninterrupted)."""
         assert entry.ctl is not None
-        await asyncio.get_running_loop().sock_sendall(entry.ctl, cmd)
-        await self._expect(entry, answer, what)
+        ctl = entry.ctl
+
+        async def exchange() -> None:
+            await asyncio.get_running_loop().sock_sendall(ctl, cmd)
+            await self._expect(entry, answer, what)
+
+        await uninterrupted(exchange())
 
     async def pause(self, entry: GuestEntry) -> None:
         """Stop the guest at a clean point; all its state is then in its memory."""

@@ -8,13 +8,16 @@ peer client for the target.
 
 from __future__ import annotations
 
-from keeper.errors import KeeperError
+import asyncio
+
+from keeper.errors import KeeperError, MigrationError
 from keeper.hostd import metrics
 from keeper.hostd.agent import HostAgent
 from keeper.migrate.domr import DomrLink
 from keeper.migrate.peer import IncomingGuest, PrepareDomr
 from keeper.migrate.plans import CoMigration, DomrMove, GuestMigrator, Progress, SoloMigration
 from keeper.migrate.sim import SimGuest
+from keeper.migrate.sync import Step
 from keeper.migrate.trace import Trace
 
 
@@ -64,6 +67,23 @@ def guest_migrator(agent: HostAgent, name: str, target: str,
         release=lambda: agent.guests.destroy(name), progress=progress)
 
 
+def _cancel_drill(agent: HostAgent, plan: CoMigration | SoloMigration) -> list[str]:
+    """Cancel this run just after it launches an action armed with a cancel drill;
+    the returned list names that action once it happened."""
+    fired: list[str] = []
+    task = asyncio.current_task()
+
+    def hook(step: Step) -> None:
+        for action in step.start:
+            if not fired and task is not None and agent.drills.take_cancel(action.name):
+                fired.append(action.name)
+                # after the action's first step has run: cancelled in the middle of it
+                asyncio.get_running_loop().call_soon(task.cancel)
+
+    plan.hooks.append(hook)
+    return fired
+
+
 def _check_target(agent: HostAgent, name: str, target: str) -> None:
     agent.spec.host(target)
     if target == agent.host.name:
@@ -92,16 +112,24 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
     _check_target(agent, name, target)
     g, r = agent.guests.get(name), agent.domr(name)
     guest = guest_migrator(agent, name, target, progress)
+    plan: SoloMigration | CoMigration
+    if r.baseline:
+        plan = SoloMigration(name, agent.host.name, target, guest,
+                             BaselineServers(agent, name, target), progress=progress)
+    else:
+        plan = CoMigration(name, agent.host.name, target, agent.peer(target), guest,
+                           domr_link(agent, name, target, guest=True), progress=progress)
+    drill = _cancel_drill(agent, plan)
     g.state = r.state = "moving"
     try:
-        if r.baseline:
-            summary = await SoloMigration(name, agent.host.name, target, guest,
-                                          BaselineServers(agent, name, target),
-                                          progress=progress).run()
-        else:
-            summary = await CoMigration(name, agent.host.name, target, agent.peer(target),
-                                        guest, domr_link(agent, name, target, guest=True),
-                                        progress=progress).run()
+        summary = await plan.run()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if drill and task is not None and task.uncancel() == 0:  # ours, nobody else's
+            metrics.MIGRATIONS.labels(result="rolled_back").inc()
+            raise MigrationError(f"migration of {name} cancelled at {drill[0]} (drill), "
+                                 f"it stays on {agent.host.name}") from None
+        raise
     except BaseException:
         metrics.MIGRATIONS.labels(result="rolled_back").inc()
         raise

@@ -4,6 +4,7 @@ its failure drill, and does one step; cancels are idempotent."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,17 @@ class AgentTarget:
 
     # -- Domain U ------------------------------------------------------------------------
 
+    def _lock(self, name: str) -> asyncio.Lock:
+        """Making and cancelling a half-made domain are serialised: a cancel that
+        overtakes its create (the source gave up mid-call) waits for it, then
+        removes what it made."""
+        return self.agent.lock(f"incoming:{name}")
+
     async def incoming_guest(self, req: IncomingGuest) -> dict[str, Any]:
+        async with self._lock(req.name):
+            return await self._incoming_guest(req)
+
+    async def _incoming_guest(self, req: IncomingGuest) -> dict[str, Any]:
         a = self.agent
         placement.check_name(req.name)
         a.drills.check("incoming")
@@ -100,9 +111,10 @@ class AgentTarget:
         return {"resumed": entry.name}
 
     async def cancel_guest(self, name: str) -> dict[str, Any]:
-        entry = self.agent.guests.entries.get(name)
-        if entry is not None and entry.state == "incoming":
-            await self.agent.guests.destroy(name)
+        async with self._lock(name):
+            entry = self.agent.guests.entries.get(name)
+            if entry is not None and entry.state == "incoming":
+                await self.agent.guests.destroy(name)
         return {"cancelled": name}
 
     async def baseline_server(self, name: str) -> dict[str, Any]:
@@ -112,6 +124,10 @@ class AgentTarget:
     # -- Domain R ------------------------------------------------------------------------
 
     async def prepare_domr(self, req: PrepareDomr) -> dict[str, Any]:
+        async with self._lock(req.name):
+            return await self._prepare_domr(req)
+
+    async def _prepare_domr(self, req: PrepareDomr) -> dict[str, Any]:
         a = self.agent
         placement.check_name(req.name)
         a.parse_schedule(req.announce_schedule)
@@ -151,8 +167,9 @@ class AgentTarget:
 
     async def cancel_domr(self, name: str) -> dict[str, Any]:
         a = self.agent
-        entry = a.domrs.get(name)
-        if entry is not None and entry.state in ("incoming", "restored"):
-            await a.set_link(name, up=False)
-            await a.stop_domr(name)
+        async with self._lock(name):
+            entry = a.domrs.get(name)
+            if entry is not None and entry.state in ("incoming", "restored"):
+                await a.set_link(name, up=False)
+                await a.stop_domr(name)
         return {"cancelled": name}

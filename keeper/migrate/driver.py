@@ -6,7 +6,9 @@ by side), and reports each one's end back to the core, a timeout or an exception
 being a failure. Every action has a deadline. When the driver itself is cancelled
 it cancels and awaits what is in flight, tells the core, runs the rollback the core
 asks for under the rollback deadlines, and is then still cancelled: cancellation is
-never swallowed, and rollback is never skipped.
+never swallowed, and rollback is never skipped. Once the point of no return is in
+flight (the target may already run the guest) a cancel waits: the migration is
+finished forward, and the driver is cancelled after that.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keeper.migrate.sync import ROLLBACK, Action, Core, Outcome, Step
+from keeper.migrate.sync import ROLLBACK, TABLES, Action, Core, Outcome, Step
 from keeper.migrate.trace import Trace
 
 log = logging.getLogger("keeper.migrate")
@@ -80,6 +82,18 @@ async def drive(core: Core, actions: Mapping[Action, ActionFn], trace: Trace, *,
                 step = report(task)
                 apply(step)
     except asyncio.CancelledError:
+        no_return = TABLES[core.plan].no_return
+        if no_return in core.running or no_return in core.completed:
+            # Past the point where stopping is safe (the target may already run the
+            # guest): the only way out is forward. Finish, then stay cancelled.
+            log.warning("%s %s: cancelled at the point of no return; finishing first",
+                        trace.kind, trace.domain)
+            while not step.finished:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: t.get_name()):
+                    step = report(task)
+                    apply(step)
+            raise
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -75,11 +75,14 @@ class _Run:
     def __init__(self, trace: Trace, progress: Progress | None) -> None:
         self.trace = trace
         self.progress = progress or (lambda event: None)
+        self.hooks: list[Callable[[Step], None]] = []  # see every Step (drills, tests)
 
     def actions(self) -> dict[Action, ActionFn]:
         raise NotImplementedError
 
     def _on_step(self, step: Step) -> None:
+        for hook in self.hooks:
+            hook(step)
         for mark in step.marks:
             self.progress({"phase": mark, "ms": round(self.trace.elapsed_ms(), 3)})
 

@@ -157,3 +157,54 @@ async def test_destination_agent_dies_and_everything_goes_on_at_the_source(
                     break
                 await asyncio.sleep(0.02)
             assert not procs.alive(pid), label
+
+
+BEFORE_NO_RETURN = ["CREATE_U", "PREPARE_R", "ITERATE", "ASSOCIATE", "STOP_R", "STOP_U",
+                    "SAVE_LINKS", "FINAL_COPY", "LINK_U", "RESTORE_R"]
+
+
+async def test_cancelled_at_every_step_the_pair_serves_on_at_the_source(lab: LabSpec) -> None:
+    """The source's migration task is cancelled just after it launches each action in
+    turn (in the middle of that action): every time, the rollback runs, the pair goes
+    on at a, and nothing typed is lost. Cancelled once the target may run the guest
+    (RESUME_U in flight), the migration finishes forward instead."""
+    typist, stop, task, before = await start(lab, mem_mb=32)
+    await asyncio.sleep(0.3)
+    for action in BEFORE_NO_RETURN:
+        await ops.call(lab, "a", "POST", "/debug/fault",
+                       json={"point": action, "action": "cancel"})
+        with pytest.raises(KeeperError, match=f"cancelled at {action} .*stays on a"):
+            await ops.migrate(lab, GUEST, "b")
+        assert await ops.where(lab, GUEST) == "a", action
+        await asyncio.sleep(0.2)  # typing goes on, on host a
+    await ops.call(lab, "a", "POST", "/debug/fault",
+                   json={"point": "RESUME_U", "action": "cancel"})
+    with pytest.raises(KeeperError, match="cancelled"):
+        await ops.migrate(lab, GUEST, "b")
+    for _ in range(20):
+        if await ops.where(lab, GUEST) == "b":
+            break
+        await asyncio.sleep(0.2)
+    assert await ops.where(lab, GUEST) == "b"  # finished forward, not half-way
+    trace = await ops.migrate(lab, GUEST, "a")  # and it moves on normally
+    assert trace["trace_ok"]
+    result = await finish(lab, typist, stop, task, before)
+    assert result == {"lost": 0, "duplicated": 0, "reordered": 0, "sent": result["sent"],
+                      "errors": 0}, typist.stats.errors
+    assert result["sent"] > 50
+
+
+async def test_malformed_requests_get_a_400_with_the_reason(lab: LabSpec) -> None:
+    from keeper.http import RemoteError
+
+    cases = [("/guest", {"name": "g2", "ip": "198.18.0.120"}, "missing field 'mac'"),
+             ("/guest", {"name": "g2", "ip": 1, "mac": "x"}, "field 'ip' must be str"),
+             ("/guest", {"name": "g2", "ip": "198.18.0.120", "mac": "02:00:00:00:00:09",
+                         "mem_mb": "lots"}, "field 'mem_mb' must be int"),
+             ("/debug/fault", {"point": "nowhere", "action": "crash"}, "unknown fault point"),
+             ("/domr/x/migrate", {"too": "b"}, "unknown field"),
+             ("/vmm/config", [1, 2], "expected a JSON object")]
+    for path, body, why in cases:
+        with pytest.raises(RemoteError, match=why) as info:
+            await ops.call(lab, "a", "POST", path, json=body)
+        assert info.value.status == 400, (path, body)
