@@ -50,7 +50,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 if "guest1" not in names:
                     guest = await ops.create_guest(spec, "guest1", spec.hosts[0].name,
                                                    mem_mb=args.mem_mb,
-                                                   dirty_rate=args.dirty_rate)
+                                                   dirty_rate=args.dirty_rate,
+                                                   guest=args.guest)
             return spec, guest
 
         spec, guest = asyncio.run(up())
@@ -110,7 +111,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
         doc = asyncio.run(ops.create_guest(spec, args.name, args.host, mem_mb=args.mem_mb,
                                            dirty_rate=args.dirty_rate,
                                            event_delay_ms=args.event_delay_ms,
-                                           mode=args.mode))
+                                           mode=args.mode, guest=args.guest))
         print(f"guest {doc['name']} on host {doc['host']}: console through Domain R at "
               f"{doc['ip']}:{ports.CONSOLE}")
         return 0
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys allowed to ssh into guest consoles (default: a key pair "
                    "made for the lab, see `lab status --json`)")
     p.add_argument("--mem-mb", type=int, default=256, help="guest1's memory (MiB)")
+    p.add_argument("--guest", choices=["sim", "qemu"], default="sim",
+                   help="sim: keeper's simulated guest; qemu: a real Linux VM under QEMU "
+                        "(built by ./scripts/setup)")
     p.add_argument("--dirty-rate", type=float, default=0.0,
                    help="guest1's background workload: pages dirtied per second")
     p.add_argument("--json", action="store_true")
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mem-mb", type=int, default=256)
     c.add_argument("--dirty-rate", type=float, default=0.0)
     c.add_argument("--event-delay-ms", type=float, default=0.0)
+    c.add_argument("--guest", choices=["sim", "qemu"], default="sim",
+                   help="sim: keeper's simulated guest; qemu: a real Linux VM under QEMU "
+                        "(built by ./scripts/setup)")
     c.add_argument("--mode", choices=["keeper", "baseline"], default="keeper",
                    help="baseline: the conventional set-up, servers in Dom0 (for benches)")
     c.add_argument("--lab", default="keeper")
@@ -234,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rms", choices=["console", "ssh", "vnc"], default="console",
                    help="remote-management session to type through: raw console, SSH "
                    "or VNC")
-    p.add_argument("--mem-mb", type=int, default=256, help="the guest's memory (MiB)")
+    p.add_argument("--mem-mb", type=int, default=None,
+                   help="the guest's memory (MiB; default 256, 128 for --guest qemu)")
+    p.add_argument("--guest", choices=["sim", "qemu"], default="sim",
+                   help="sim: keeper's simulated guest; qemu: a real Linux VM under QEMU "
+                        "(built by ./scripts/setup)")
     p.add_argument("--dirty-rate", type=float, default=2000.0,
                    help="pages the guest's background workload dirties per second")
     p.add_argument("--lab", default="kdemo")

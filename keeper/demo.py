@@ -30,6 +30,7 @@ from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
 from keeper.migrate.trace import longest_wait
+from keeper.qemu.image import PROMPT as QEMU_PROMPT
 from keeper.vnc.client import VncTypist
 
 GUEST = "guest1"
@@ -42,8 +43,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
-                  say: Any) -> Typist | VncTypist:
-    prompt = f"{GUEST}:~$ ".encode()
+                  say: Any, prompt: bytes) -> Typist | VncTypist:
     if rms == "vnc":
         say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:{ports.VNC}")
         say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:{ports.VNC}   "
@@ -52,7 +52,7 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
     if rms == "console":
         say(f"{GUEST}'s console through Domain R at {ip}:{ports.CONSOLE} (raw TCP)")
         say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} {ports.CONSOLE}")
-        return await Typist.over_tcp(spec.client_ns, (ip, 2323), prompt=prompt)
+        return await Typist.over_tcp(spec.client_ns, (ip, ports.CONSOLE), prompt=prompt)
     key = spec.ssh_dir / "id_ed25519"
     say(f"{GUEST}'s console through Domain R over SSH at {ip}:22, OpenSSH as the client")
     say(f"  attach yourself:  ip netns exec {spec.client_ns} ssh -i {key} admin@{ip}"
@@ -70,9 +70,12 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
     status = await ops.status(spec)
     dom = next(d for d in status["domains"] if d["name"] == GUEST)
     hosts = [h.name for h in spec.hosts]
-    before = (await ops.journal(spec, GUEST))["count"]
+    first = await ops.journal(spec, GUEST)
+    before = first["count"]
+    kind = dom.get("kind", "sim")
+    prompt = QEMU_PROMPT if kind == "qemu" else f"{GUEST}:~$ ".encode()
     workdir = Path(tempfile.mkdtemp(prefix="keeper-demo-"))
-    typist = await _typist(spec, dom["ip"], rms, workdir, say)
+    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt)
     stop = asyncio.Event()
     typing = asyncio.create_task(typist.run(stop))
     stats_ref = typist.stats
@@ -113,12 +116,17 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
     else:
         typist.close()
     shutil.rmtree(workdir, ignore_errors=True)
-    journal = (await ops.journal(spec, GUEST))["journal"][before:]
+    last = await ops.journal(spec, GUEST)
+    journal = last["journal"][before:]
     diff = compare(bytes(stats.sent), journal)
+    guest = {"kind": kind}
+    if kind == "qemu":
+        guest.update(accel=last["info"].get("accel"), kernel=last["info"].get("kernel"))
     # restored sockets start counting at zero: what each one counted before the next move
     retrans_server = sum(server_retrans[1:])
     return {
         "rms": rms,
+        "guest": guest,
         "migrations": len(traces),
         "sent": len(stats.sent),
         "received": len(journal),
@@ -150,9 +158,15 @@ def ok(summary: dict[str, Any]) -> bool:
 async def _demo(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     say(f"lab {args.lab}: switch, hosts a and b with their agents, client (198.18.0.0/24)")
     spec = await ops.up(args.lab)
-    say(f"starting {GUEST} on host a: {args.mem_mb} MiB Domain U + its Domain R")
-    await ops.create_guest(spec, GUEST, spec.hosts[0].name, mem_mb=args.mem_mb,
-                           dirty_rate=args.dirty_rate)
+    mem_mb = args.mem_mb or (128 if args.guest == "qemu" else 256)
+    if args.guest == "qemu":
+        say(f"starting {GUEST} on host a: a real Linux VM under QEMU ({mem_mb} MiB, "
+            "no network device) + its Domain R")
+        await ops.create_guest(spec, GUEST, spec.hosts[0].name, mem_mb=mem_mb, guest="qemu")
+    else:
+        say(f"starting {GUEST} on host a: {mem_mb} MiB Domain U + its Domain R")
+        await ops.create_guest(spec, GUEST, spec.hosts[0].name, mem_mb=mem_mb,
+                               dirty_rate=args.dirty_rate)
     return await run_migrations(spec, migrations=args.migrations, interval=args.interval,
                                 rms=args.rms, say=say)
 

@@ -27,12 +27,14 @@ from keeper.errors import BadRequest, KeeperError, LabError
 from keeper.hostd import procs, tls
 from keeper.hostd.drills import Drills
 from keeper.hostd.guests import Guests
+from keeper.hostd.qemu_guests import QemuGuests
 from keeper.hostd.requests import CreateGuest
 from keeper.http import Http
 from keeper.lab import sshkeys
 from keeper.lab.topology import HostSpec, LabSpec
 from keeper.migrate.peer import PeerClient
 from keeper.net import placement
+from keeper.qemu.devices import DeviceServer
 from keeper.vmm.hypercall import HypercallServer
 from keeper.vmm.hypervisor import Hypervisor
 
@@ -55,6 +57,7 @@ class DomrEntry:
     created: float = field(default_factory=time.time)
     r_domid: int | None = None  # its domain in the hypervisor (guest consoles only)
     hc: HypercallServer | None = None
+    devices: DeviceServer | None = None  # a QEMU guest's Domain R: its device sockets
     baseline: bool = False  # the conventional set-up: the servers run in Dom0 (this agent's
     # namespace, the host's address) and do not move; see keeper.migrate.plans.SoloMigration
 
@@ -65,6 +68,7 @@ class HostAgent:
         self.host: HostSpec = spec.host(host)
         self.hv = Hypervisor(host, may_write=may_write)
         self.guests = Guests(self.hv, host, spec.rundir)
+        self.qemu = QemuGuests(host, self.host.mgmt_ip, spec.rundir)
         self.domrs: dict[str, DomrEntry] = {}
         self._peers: dict[str, PeerClient] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -101,14 +105,20 @@ class HostAgent:
 
     async def start_domr(self, name: str, ip: str, mac: str, *, restore: bool,
                          announce: bool = True, announce_schedule: str = DEFAULT_SCHEDULE,
-                         guest: bool = False, baseline: bool = False) -> DomrEntry:
-        """Place and start a Domain R. With `guest`, it is a domain of the hypervisor with
-        a hypercall channel and serves the console of guest `name` (on a restore the
-        association comes later, at S1)."""
+                         guest: bool = False, baseline: bool = False,
+                         kind: str = "sim") -> DomrEntry:
+        """Place and start a Domain R. With `guest`, it serves guest `name`: a simulated
+        guest's Domain R is a domain of the hypervisor with a hypercall channel; a QEMU
+        guest's gets a device channel to that guest's sockets. On a restore the
+        association comes later, at S1."""
         if name in self.domrs:
             raise LabError(f"Domain R {name} already exists on host {self.host.name}")
-        r_domid, hc = None, None
-        if guest:
+        r_domid, hc, devices = None, None, None
+        if guest and kind == "qemu":
+            devices = DeviceServer(
+                self.spec.rundir / f"dev-{name}-{self.host.name}.sock",
+                lambda g: self.qemu.get(g).devices(), guest=None if restore else name)
+        elif guest:
             managed = None if restore else self.guests.get(name).u.domid
             r_domid = self.hv.create_domain_r(name, managed=managed).domid
             hc = HypercallServer(self.hv, r_domid, self.spec.rundir /
@@ -129,14 +139,16 @@ class HostAgent:
         argv += ["--announce-schedule", announce_schedule]
         if hc is not None:
             argv += ["--hypercall", str(hc.path)]
-            if not restore:  # a guest's Domain R serves its console over SSH too
-                argv += ["--ssh-host-key", str(sshkeys.host_key(self.spec, name)),
-                         "--ssh-authorized-keys", str(self.spec.ssh_dir / "authorized_keys")]
+        if devices is not None:
+            argv += ["--devices", str(devices.path)]
+        if guest and not restore:  # a guest's Domain R serves its console over SSH too
+            argv += ["--ssh-host-key", str(sshkeys.host_key(self.spec, name)),
+                     "--ssh-authorized-keys", str(self.spec.ssh_dir / "authorized_keys")]
         path.unlink(missing_ok=True)
         proc = procs.spawn(self.spec.rundir, self.label(name), argv)
         entry = DomrEntry(name, ip, mac, ns, Http(unix=str(path), timeout=10), proc,
                           announce=announce, announce_schedule=announce_schedule,
-                          r_domid=r_domid, hc=hc, baseline=baseline)
+                          r_domid=r_domid, hc=hc, devices=devices, baseline=baseline)
         self.domrs[name] = entry
         try:
             await self._wait_ready(entry, path)
@@ -170,6 +182,8 @@ class HostAgent:
         procs.forget(self.spec.rundir, self.label(name))
         if entry.hc is not None:
             entry.hc.close()
+        if entry.devices is not None:
+            entry.devices.close()
         if entry.r_domid is not None:
             self.hv.destroy(entry.r_domid)
         if not entry.baseline:
@@ -193,6 +207,7 @@ class HostAgent:
                     placement.link_is_up, self.place, entry.name),
                 "baseline": entry.baseline,
                 "services": ports.GUEST_SERVICES if entry.r_domid is not None
+                or entry.devices is not None
                 else ports.ECHO_SERVICES,
             }
             if entry.state != "moving":
@@ -201,16 +216,27 @@ class HostAgent:
                 except KeeperError as exc:
                     item["error"] = str(exc)
             doms.append(item)
-        guests = [{"name": g.name, "domid": g.u.domid, "state": g.state,
+        guests = [{"name": g.name, "kind": "sim", "domid": g.u.domid, "state": g.state,
                    "mem_bytes": g.u.pages * 4096, "pid": g.proc.pid if g.proc else None}
-                  for g in self.guests.entries.values()]
+                  for g in self.guests.entries.values()] + self.qemu.status()
         return {"host": self.host.name, "mgmt_ip": self.host.mgmt_ip, "netns": self.host.ns,
                 "moves": self.moves, "may_write": self.hv.may_write_enabled,
                 "domrs": doms, "guests": guests}
 
+    def guest_kind(self, name: str) -> str:
+        """'sim' or 'qemu' for a guest on this host (LabError if there is none)."""
+        if name in self.qemu.entries:
+            return "qemu"
+        self.guests.get(name)
+        return "sim"
+
     async def create_guest(self, req: CreateGuest) -> dict[str, object]:
         """A guest here: its Domain U booted, then its Domain R (or the baseline's
         servers in Dom0) on its console, keyboard and screen."""
+        if self.guest_exists(req.name):
+            raise LabError(f"guest {req.name} already exists on host {self.host.name}")
+        if req.guest == "qemu":
+            return await self._create_qemu_guest(req)
         entry = self.guests.create_domain(req.name, req.mem_mb << 20,
                                           event_delay_ms=req.event_delay_ms,
                                           dirty_rate=req.dirty_rate)
@@ -226,6 +252,29 @@ class HostAgent:
             raise
         return {"name": req.name, "host": self.host.name, "domid": entry.u.domid,
                 "ip": self.domrs[req.name].ip, "mac": req.mac}
+
+    def guest_exists(self, name: str) -> bool:
+        return name in self.qemu.entries or name in self.guests.entries
+
+    async def _create_qemu_guest(self, req: CreateGuest) -> dict[str, object]:
+        if req.mode == "baseline":
+            raise BadRequest("the baseline on QEMU guests is not built yet")
+        q = await self.qemu.create(req.name, req.mem_mb)
+        try:
+            await self.start_domr(req.name, req.ip, req.mac, restore=False,
+                                  announce=req.announce, announce_schedule=req.announce_schedule,
+                                  guest=True, kind="qemu")
+        except BaseException:
+            await self.qemu.destroy(req.name)
+            raise
+        return {"name": req.name, "host": self.host.name, "kind": "qemu", "accel": q.accel,
+                "kernel": q.release, "ip": self.domrs[req.name].ip, "mac": req.mac}
+
+    async def destroy_guest(self, name: str) -> None:
+        if name in self.domrs:
+            await self.stop_domr(name)
+        await self.guests.destroy(name)
+        await self.qemu.destroy(name)
 
     async def start_baseline_servers(self, name: str) -> DomrEntry:
         return await self.start_domr(name, self.host.mgmt_ip, "00:00:00:00:00:00",
@@ -244,3 +293,4 @@ class HostAgent:
             await peer.http.close()
         for entry in self.domrs.values():
             await entry.control.close()
+        await self.qemu.close()  # a VM dies with its agent (and would anyway: PDEATHSIG)

@@ -108,6 +108,8 @@ def local_app(agent: HostAgent) -> web.Application:
         agent.parse_schedule(req.announce_schedule)
         if req.mode not in ("keeper", "baseline"):
             raise BadRequest(f"mode must be keeper or baseline, not {req.mode!r}")
+        if req.guest not in ("sim", "qemu"):
+            raise BadRequest(f"guest must be sim or qemu, not {req.guest!r}")
         if not 1 <= req.mem_mb <= 65536:
             raise BadRequest(f"mem_mb {req.mem_mb} is out of range (1-65536)")
         async with agent.lock(req.name):
@@ -119,22 +121,25 @@ def local_app(agent: HostAgent) -> web.Application:
     async def delete_guest(request: web.Request) -> web.StreamResponse:
         name = name_of(request)
         async with agent.lock(name):
-            if name in agent.domrs:
-                await agent.stop_domr(name)
-            await agent.guests.destroy(name)
+            await agent.destroy_guest(name)
         return web.json_response({"removed": name})
 
     @routes.get("/guest/{name}/journal")
     @guarded
     async def journal(request: web.Request) -> web.StreamResponse:
-        doc = agent.guests.journal(name_of(request))
+        name = name_of(request)
+        kind = agent.guest_kind(name)
+        doc = agent.qemu.journal(name) if kind == "qemu" else agent.guests.journal(name)
         doc["journal"] = doc["journal"].hex()  # type: ignore[attr-defined]
         return web.json_response(doc)
 
     @routes.get("/guest/{name}/screen")
     @guarded
     async def screen(request: web.Request) -> web.StreamResponse:
-        pixels = agent.guests.screen(name_of(request))
+        name = name_of(request)
+        if agent.guest_kind(name) == "qemu":
+            return web.Response(body=await agent.qemu.screen(name), content_type="image/x-ppm")
+        pixels = agent.guests.screen(name)
         return web.Response(body=pixels, content_type="application/octet-stream",
                             headers={"X-Keeper-Geometry": "800x600x32 BGRX"})
 
@@ -144,7 +149,7 @@ def local_app(agent: HostAgent) -> web.Application:
         """Streams progress as JSON lines; the last line is the summary or an error."""
         name, req = name_of(request), await control.body(request, MigrateTo)
         agent.spec.host(req.to)
-        agent.guests.get(name)
+        agent.guest_kind(name)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

@@ -16,6 +16,7 @@ from keeper.hostd.agent import HostAgent
 from keeper.migrate.domr import DomrLink
 from keeper.migrate.peer import IncomingGuest, PrepareDomr
 from keeper.migrate.plans import CoMigration, DomrMove, GuestMigrator, Progress, SoloMigration
+from keeper.migrate.qemu import QemuGuest
 from keeper.migrate.sim import SimGuest
 from keeper.migrate.sync import Step
 from keeper.migrate.trace import Trace
@@ -47,7 +48,8 @@ class BaselineServers:
 def domr_link(agent: HostAgent, name: str, target: str, *, guest: bool) -> DomrLink:
     entry = agent.domr(name)
     req = PrepareDomr(name=name, ip=entry.ip, mac=entry.mac, announce=entry.announce,
-                      announce_schedule=entry.announce_schedule, guest=guest)
+                      announce_schedule=entry.announce_schedule, guest=guest,
+                      kind="qemu" if entry.devices is not None else "sim")
 
     async def set_link(up: bool) -> None:
         await agent.set_link(name, up=up)
@@ -58,6 +60,8 @@ def domr_link(agent: HostAgent, name: str, target: str, *, guest: bool) -> DomrL
 
 def guest_migrator(agent: HostAgent, name: str, target: str,
                    progress: Progress | None) -> GuestMigrator:
+    if agent.guest_kind(name) == "qemu":
+        return qemu_migrator(agent, name, target, progress)
     g = agent.guests.get(name)
     r = agent.domrs.get(name)
     return SimGuest(
@@ -65,6 +69,23 @@ def guest_migrator(agent: HostAgent, name: str, target: str,
         r_domid=r.r_domid if r is not None else None,
         pause=lambda: agent.guests.pause(g), unpause=lambda: agent.guests.unpause(g),
         release=lambda: agent.guests.destroy(name), progress=progress)
+
+
+def qemu_migrator(agent: HostAgent, name: str, target: str,
+                  progress: Progress | None) -> QemuGuest:
+    q = agent.qemu.get(name)
+    r = agent.domrs.get(name)
+
+    async def hold(on: bool) -> None:
+        # Domain R holds its guest's input and waits until QEMU has read all of it
+        if r is not None:
+            await r.control.call("POST", "/hold", json={"on": on}, timeout=15)
+
+    return QemuGuest(q.machine, IncomingGuest(name=name, mem_bytes=q.mem_mb << 20, kind="qemu"),
+                     agent.peer(target), history=q.journal_bytes,
+                     release=lambda: agent.qemu.destroy(name),
+                     hold=hold if r is not None and not r.baseline else None,
+                     kernel=q.release, progress=progress)
 
 
 def _cancel_drill(agent: HostAgent, plan: CoMigration | SoloMigration) -> list[str]:
@@ -134,7 +155,8 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
         metrics.MIGRATIONS.labels(result="rolled_back").inc()
         raise
     finally:
-        for item in (agent.guests.entries.get(name), agent.domrs.get(name)):
+        for item in (agent.guests.entries.get(name), agent.qemu.entries.get(name),
+                     agent.domrs.get(name)):
             if item is not None:
                 item.state = "running"
     agent.moves += 1

@@ -27,6 +27,7 @@ class CreateGuest:
     announce: bool = True
     announce_schedule: str = DEFAULT_SCHEDULE
     mode: str = "keeper"  # keeper | baseline (the servers in Dom0)
+    guest: str = "sim"  # sim (keeper's simulated guest) | qemu (a real VM under QEMU)
 
 
 @dataclass(frozen=True, slots=True)

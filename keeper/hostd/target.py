@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from keeper.errors import KeeperError
+from keeper.errors import BadRequest, KeeperError
 from keeper.hostd import metrics
 from keeper.migrate import pagestream
 from keeper.migrate.peer import DeviceLinks, IncomingGuest, PrepareDomr, SoloLinks
@@ -44,6 +44,13 @@ class AgentTarget:
         a = self.agent
         placement.check_name(req.name)
         a.drills.check("incoming")
+        if req.kind == "qemu":
+            accel = req.options.get("accel")
+            q = await a.qemu.incoming(req.name, req.mem_bytes >> 20,
+                                      accel=accel if isinstance(accel, str) else None)
+            return {"uri": q.migrate_uri}
+        if req.kind != "sim":
+            raise BadRequest(f"no guest kind {req.kind!r} (sim, qemu)")
         stale = a.guests.entries.get(req.name)
         if stale is not None and stale.state == "incoming":
             await a.guests.destroy(req.name)  # from an earlier, failed migration
@@ -73,6 +80,10 @@ class AgentTarget:
         a = self.agent
         a.drills.check("associate")
         r = a.domr(name)
+        if r.devices is not None:  # a QEMU guest's twin may now open that guest's sockets
+            a.qemu.get(name)
+            r.devices.associate(name)
+            return {"guest": name}
         if r.r_domid is None:
             raise KeeperError(f"Domain R {name} serves no guest")
         a.hv.associate(r.r_domid, a.guests.get(name).u.domid)
@@ -80,6 +91,17 @@ class AgentTarget:
 
     async def restore_links(self, name: str, links: DeviceLinks) -> dict[str, Any]:
         a = self.agent
+        if name in a.qemu.entries:
+            # S6 for QEMU: the device sockets are up since QEMU started; what travels
+            # is the journal so far, so the union stays in migration order
+            q = a.qemu.get(name)
+            a.drills.check("evtchns")
+            journal = links.state.get("journal", "")
+            if not isinstance(journal, str):
+                raise BadRequest("links.state.journal must be a string")
+            q.history = journal.encode("ascii", errors="replace")
+            q.links_ready = True
+            return {"journal_bytes": len(q.history)}
         entry = a.guests.get(name)
         a.drills.check("evtchns")
         r = a.domr(name)
@@ -103,6 +125,8 @@ class AgentTarget:
         return {"ports": links.unbound}
 
     async def resume_guest(self, name: str) -> dict[str, Any]:
+        if name in self.agent.qemu.entries:
+            return await self._resume_qemu(name)
         entry = self.agent.guests.get(name)
         if not entry.evtchns_ready:  # S6: never before the channels are back
             raise KeeperError(f"guest {entry.name}: event channels not re-established")
@@ -110,11 +134,28 @@ class AgentTarget:
         await self.agent.guests.go(entry)
         return {"resumed": entry.name}
 
+    async def _resume_qemu(self, name: str) -> dict[str, Any]:
+        q = self.agent.qemu.get(name)
+        if not q.links_ready:  # S6: never before the device links are re-made
+            raise KeeperError(f"guest {name}: device links not re-established")
+        self.agent.drills.check("guest_resume")
+        # the incoming side has all of the VM once the source saw `completed`
+        for _ in range(500):
+            if await q.machine.status() != "inmigrate":
+                break
+            await asyncio.sleep(0.01)
+        await q.machine.cont()
+        q.state = "running"
+        return {"resumed": name, "status": await q.machine.status()}
+
     async def cancel_guest(self, name: str) -> dict[str, Any]:
         async with self._lock(name):
             entry = self.agent.guests.entries.get(name)
             if entry is not None and entry.state == "incoming":
                 await self.agent.guests.destroy(name)
+            q = self.agent.qemu.entries.get(name)
+            if q is not None and q.state == "incoming":
+                await self.agent.qemu.destroy(name)
         return {"cancelled": name}
 
     async def baseline_server(self, name: str) -> dict[str, Any]:
@@ -136,7 +177,8 @@ class AgentTarget:
         if stale is not None and stale.state == "incoming":
             await a.stop_domr(req.name)  # a leftover from an earlier, failed move
         await a.start_domr(req.name, req.ip, req.mac, restore=True, announce=req.announce,
-                           announce_schedule=req.announce_schedule, guest=req.guest)
+                           announce_schedule=req.announce_schedule, guest=req.guest,
+                           kind=req.kind)
         return {"ready": req.name}
 
     async def restore_domr(self, name: str, checkpoint: bytes) -> dict[str, Any]:

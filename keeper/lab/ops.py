@@ -81,15 +81,20 @@ async def status(spec: LabSpec) -> dict[str, Any]:
         "lab": spec.name, "client_netns": spec.client_ns, "client_ip": spec.client_ip,
         "ssh": {"login": LOGIN, "key": str(key) if key else None},
         "switch_netns": spec.switch_ns, "hosts": hosts,
-        "domains": [
-            {"name": d["name"], "host": h["host"], "ip": d["ip"], "mac": d["mac"],
-             "state": d["state"], "services": d.get("services", {}),
-             "guest": any(g["name"] == d["name"] for g in h.get("guests", [])),
-             "mem_bytes": next((g["mem_bytes"] for g in h.get("guests", [])
-                                if g["name"] == d["name"]), None)}
-            for h in hosts for d in h["domrs"]
-        ],
+        "domains": [_domain(h, d) for h in hosts for d in h["domrs"]],
     }
+
+
+def _domain(host: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
+    g = next((g for g in host.get("guests", []) if g["name"] == d["name"]), None)
+    doc = {"name": d["name"], "host": host["host"], "ip": d["ip"], "mac": d["mac"],
+           "state": d["state"], "services": d.get("services", {}), "guest": g is not None,
+           "mem_bytes": g["mem_bytes"] if g else None}
+    if g is not None:
+        doc["kind"] = g.get("kind", "sim")
+        if doc["kind"] == "qemu":
+            doc.update(accel=g.get("accel"), kernel=g.get("kernel"))
+    return doc
 
 
 async def server_retransmits(spec: LabSpec) -> int:
@@ -154,15 +159,16 @@ async def migrate(spec: LabSpec, dom: str, to: str,
 async def create_guest(spec: LabSpec, name: str, host: str, *, index: int | None = None,
                        mem_mb: int = 256, event_delay_ms: float = 0.0,
                        dirty_rate: float = 0.0, announce: bool = True,
-                       mode: str = "keeper") -> dict[str, Any]:
+                       mode: str = "keeper", guest: str = "sim") -> dict[str, Any]:
     """A guest pair: Domain U + its Domain R (mode "keeper"), or Domain U with its
-    servers in Dom0 on the host's address (mode "baseline", the conventional set-up)."""
+    servers in Dom0 on the host's address (mode "baseline", the conventional set-up).
+    `guest` "sim" is keeper's simulated guest, "qemu" a real Linux VM under QEMU."""
     if index is None:
         index = await free_index(spec)
-    return await call(spec, host, "POST", "/guest", timeout=60, json={
+    return await call(spec, host, "POST", "/guest", timeout=180, json={
         "name": name, "ip": spec.domr_ip(index), "mac": spec.domr_mac(index),
         "mem_mb": mem_mb, "event_delay_ms": event_delay_ms, "dirty_rate": dirty_rate,
-        "announce": announce, "mode": mode})
+        "announce": announce, "mode": mode, "guest": guest})
 
 
 async def screen(spec: LabSpec, name: str) -> bytes:

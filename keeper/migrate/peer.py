@@ -56,6 +56,7 @@ class PrepareDomr:
     announce: bool = True
     announce_schedule: str = DEFAULT_SCHEDULE
     guest: bool = False  # serves a guest (a domain of the hypervisor), not the echo service
+    kind: str = "sim"  # the guest's: sim (hypercall channel) | qemu (device channel)
 
 
 @dataclass(frozen=True, slots=True)

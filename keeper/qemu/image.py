@@ -82,6 +82,10 @@ class GuestImage:
         return self.cache / "image.json"
 
 
+# what the guest's serial shell prints before each command: busybox ash's prompt
+# (PS1 in guest/init) and its cursor-position query (line editing asks the terminal)
+PROMPT = b"keeper-guest:/root# \x1b[6n"
+
 def default_cache() -> Path:
     return Path(os.environ.get("KEEPER_GUEST_CACHE") or DEFAULT_CACHE)
 

@@ -158,9 +158,30 @@ def typed_text(records: Iterable[Record]) -> str:
     Enter is "\\n"; autorepeat types again. Keys without a character are skipped;
     after a `Dropped` record no key counts as held.
     """
+    return "".join(ch for ch in _typed(records) if isinstance(ch, str))
+
+
+def input_stream(records: Iterable[Record], *, enter: str = "\r") -> bytes:
+    """Everything the guest received, in order, as bytes: the serial console's bytes
+    as they came, and the keyboard's keys as the characters they type (Enter as
+    `enter`, a terminal's carriage return by default) — the same shape as the
+    simulated guest's journal, so one comparison serves both."""
+    out = bytearray()
+    for item in _typed(records, serial=True):
+        if isinstance(item, bytes):
+            out += item
+        else:
+            out += (enter if item == "\n" else item).encode("latin-1")
+    return bytes(out)
+
+
+def _typed(records: Iterable[Record], *, serial: bool = False) -> Iterable[str | bytes]:
     held: set[int] = set()
-    out: list[str] = []
     for ev in records:
+        if isinstance(ev, SerialIn):
+            if serial:
+                yield ev.data
+            continue
         if isinstance(ev, Dropped):
             held.clear()  # a release may be among the lost events
             continue
@@ -176,8 +197,7 @@ def typed_text(records: Iterable[Record]) -> str:
         ch = cap.shifted if held & SHIFTS else cap.plain
         if held & CTRLS and ch.isalpha():
             ch = chr(ord(ch.lower()) & 0x1F)
-        out.append(ch)
-    return "".join(out)
+        yield ch
 
 
 def qcodes_for(text: str) -> list[tuple[str, ...]]:
