@@ -47,7 +47,7 @@ async def response(mem_mb: int, rms: str, settle: float) -> dict[str, Any]:
 
 
 async def frame_rate(mem_mb: int, settle: float) -> dict[str, Any]:
-    from keeper.vnc.client import VncTypist
+    from keeper.lab.vncclient import VncTypist
 
     async with lab("df") as spec:
         doc = await ops.create_guest(spec, demo.GUEST, "a", mem_mb=mem_mb, dirty_rate=2000)

@@ -37,7 +37,7 @@ from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
-from keeper.vnc.client import VncTypist
+from keeper.lab.vncclient import VncTypist
 
 GUEST = "guest1"
 

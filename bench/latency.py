@@ -23,7 +23,7 @@ from common import finish, lab, need_root, pyplot, save
 from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
 from keeper.lab.typist import Typist
-from keeper.vnc.client import VncTypist
+from keeper.lab.vncclient import VncTypist
 
 GUEST = "guest1"
 

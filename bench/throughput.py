@@ -26,7 +26,7 @@ from common import finish, lab, need_root, pyplot, save
 
 from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
-from keeper.vnc.client import VncTypist
+from keeper.lab.vncclient import VncTypist
 
 GUEST = "guest1"
 PROMPT = b"guest1:~$ "

@@ -29,9 +29,9 @@ from keeper.lab import ops, topology
 from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
+from keeper.lab.vncclient import VncTypist
 from keeper.migrate.trace import longest_wait
 from keeper.qemu.image import PROMPT as QEMU_PROMPT
-from keeper.vnc.client import VncTypist
 
 GUEST = "guest1"
 

@@ -3,7 +3,7 @@
 `pending_in` holds bytes read from the client that the device has not taken yet;
 `pending_out` holds bytes for the client that the kernel has not taken yet. Both
 are part of a checkpoint, so nothing read or produced is ever lost in a move. The
-core never touches a socket; the asyncio adapter in keeper.domr.server drives it.
+core never touches a socket; the asyncio adapter in keeper.console.service drives it.
 """
 
 from __future__ import annotations

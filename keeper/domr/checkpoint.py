@@ -1,25 +1,19 @@
-"""What a Domain R checkpoint holds: every session's protocol state and its TCP socket."""
+"""What a Domain R checkpoint holds: the devices' backend state, and each service's
+part (keeper.domr.services): every session's protocol state and its TCP socket."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from keeper import serial
-from keeper.console.raw import RawSession
+from keeper.console.service import RawConsoleCheckpoint
 from keeper.domr.console import ConsoleBackendState
 from keeper.domr.display import DisplayBackendState
-from keeper.net.tcprepair import TcpRepairRecord
-from keeper.ssh.host import SshCheckpoint, SshConfig
-from keeper.vnc.server import VncCheckpoint
+from keeper.ssh.host import SshHostCheckpoint
+from keeper.vnc.server import VncHostCheckpoint
 
-KIND = "domr-checkpoint"
-
-
-@dataclass(slots=True)
-class SessionCheckpoint:
-    service: str  # "console"
-    session: RawSession
-    tcp: TcpRepairRecord
+# the shape changed with the per-service parts: an older checkpoint is refused by name
+KIND = "domr-checkpoint/2"
 
 
 @dataclass(slots=True)
@@ -27,18 +21,17 @@ class DomrCheckpoint:
     name: str
     ip: str
     mac: str
-    next_session_id: int
-    sessions: list[SessionCheckpoint] = field(default_factory=list)
+    console: RawConsoleCheckpoint  # the raw console service (always there)
     # sessions that could not be moved, with the reason (they end on the source)
     left_behind: list[str] = field(default_factory=list)
     # the guest console backend (None: the stand-alone echo service)
     device: ConsoleBackendState | None = None
-    # the SSH service's configuration, host key included (None: no SSH)
-    ssh: SshConfig | None = None
-    ssh_sessions: list[SshCheckpoint] = field(default_factory=list)
-    # the keyboard/framebuffer backends and the VNC sessions on them
+    # the SSH service: its configuration, host key included, and its connections
+    # (None: no SSH)
+    ssh: SshHostCheckpoint | None = None
+    # the keyboard/framebuffer backends and the VNC sessions on them (None: no display)
     display: DisplayBackendState | None = None
-    vnc_sessions: list[VncCheckpoint] = field(default_factory=list)
+    vnc: VncHostCheckpoint | None = None
 
 
 def encode(ckpt: DomrCheckpoint) -> bytes:

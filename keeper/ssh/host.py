@@ -3,23 +3,25 @@
 Domain R owns one `SshHost` when it serves a guest console over SSH. Connections
 are accepted on our own listening socket and handed to asyncssh one by one
 (`asyncssh.run_server`), so the listener — like every other socket of Domain R — is
-ours to bind before a restore and to close without a sound after a move.
+ours to bind before a restore and to close without a sound after a move. Domain R
+drives it as a keeper.domr.services.Service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
 
 from keeper import ports
 from keeper.console.raw import RawSession
-from keeper.errors import NotMovable
+from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.tcprepair import Restored, TcpRepairRecord
@@ -30,6 +32,9 @@ from keeper.ssh.movable import SshSessionState
 log = logging.getLogger("keeper.ssh")
 
 QUIESCE_TIMEOUT = 2.0  # how long a move waits for a key exchange in flight to end
+# How long resume waits for the peers to take what the old host never sent: below the
+# host agent's control call timeout, so the failure that comes back is ours.
+RESEND_TIMEOUT = 10.0
 
 
 @dataclass(slots=True)
@@ -52,7 +57,18 @@ class SshCheckpoint:
     tcp: TcpRepairRecord
 
 
+@dataclass(slots=True)
+class SshHostCheckpoint:
+    """The SSH service in a Domain R checkpoint: its configuration (the target starts
+    the service from it) and its connections."""
+
+    config: SshConfig
+    sessions: list[SshCheckpoint] = field(default_factory=list)
+
+
 class SshHost:
+    name = "ssh"
+
     def __init__(self, cfg: SshConfig, ip: str, *, on_input: Callable[[RawSession], None],
                  on_drained: Callable[[], None] = lambda: None, port: int = ports.SSH) -> None:
         self.cfg, self.ip, self.port = cfg, ip, port
@@ -64,6 +80,8 @@ class SshHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 1
         self.servers: set[ConsoleServer] = set()
+        self._frozen: list[asyncssh.SSHServerConnection] = []  # by quiesce
+        self._left: set[ConsoleServer] = set()  # not movable at quiesce: not dumped
         self._dumped: list[tuple[asyncssh.SSHServerConnection, socket.socket]] = []
         self._incoming: list[tuple[SshSessionState, Restored]] = []
         # only what a move can carry (keeper.ssh.movable): ciphers whose state is keys
@@ -102,11 +120,8 @@ class SshHost:
     def bind(self) -> None:
         self.acceptor.bind()
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.acceptor.start(loop)
-
-    def stop_accepting(self) -> None:
-        self.acceptor.stop()
+    def start(self) -> None:
+        self.acceptor.start(asyncio.get_running_loop())
 
     def _on_accept(self, sock: socket.socket) -> None:
         task = asyncio.create_task(self._serve(sock))
@@ -130,12 +145,15 @@ class SshHost:
         finally:
             self.conns.discard(conn)
             self.servers = {s for s in self.servers if s.conn is not conn}
+            self._left = {s for s in self._left if s.conn is not conn}
 
     # -- moving ----------------------------------------------------------------------------
 
-    async def quiesce(self, timeout: float) -> list[str]:
-        """Bring every connection to a movable state (bounded). Those that do not get
-        there keep working where they are; they are reported and left behind."""
+    async def quiesce(self, timeout: float = QUIESCE_TIMEOUT) -> list[str]:
+        """Stop accepting, bring every connection to a movable state (bounded). Those
+        that do not get there keep working where they are; they are reported and left
+        behind."""
+        self.acceptor.stop()
         left = []
         for srv in list(self.servers):
             if srv.conn is None:
@@ -144,10 +162,13 @@ class SshHost:
                 await movable.quiesce(srv.conn, timeout)
             except NotMovable as exc:
                 left.append(f"ssh connection of {srv.conn.get_extra_info('peername')}: {exc}")
-                self.servers.discard(srv)  # it stays, unmoved, until this Domain R ends
+                self.servers.discard(srv)  # it stays, unmoved, unless the move rolls back
+                self._left.add(srv)
+                continue
+            self._frozen.append(srv.conn)
         return left
 
-    def checkpoint(self) -> list[SshCheckpoint]:
+    def checkpoint(self, left_behind: list[str]) -> SshHostCheckpoint:
         """Dump each quiesced connection: asyncssh state, our sessions, its socket."""
         out = []
         for srv in list(self.servers):
@@ -160,15 +181,20 @@ class SshHost:
                     for s in srv.sessions if s.chan is not None}
             out.append(SshCheckpoint(state=movable.export(conn, apps), tcp=rec))
             self._dumped.append((conn, sock))
-        return out
+        return SshHostCheckpoint(config=self.cfg, sessions=out)
 
     def resume_in_place(self) -> None:
-        """The move was abandoned: the dumped connections go on here."""
-        for conn, sock in self._dumped:
+        """The move was abandoned: every connection goes on here, dumped or only
+        quiesced, and those left behind may try again at the next move."""
+        for _conn, sock in self._dumped:
             tcprepair.leave_repair(sock, window_probe=True)
             sock.close()
-            movable.resume_in_place(conn)
         self._dumped.clear()
+        for conn in self._frozen:
+            movable.resume_in_place(conn)
+        self._frozen.clear()
+        self.servers |= self._left
+        self._left.clear()
 
     def release(self) -> None:
         """The move succeeded: drop our copies without sending anything."""
@@ -176,21 +202,46 @@ class SshHost:
             movable.release(conn)
             sock.close()  # in repair mode: no FIN, no RST
         self._dumped.clear()
+        self._frozen.clear()
+        self.acceptor.close()
 
-    def restore(self, items: list[SshCheckpoint]) -> None:
+    def restore(self, ckpt: SshHostCheckpoint) -> None:
         """Re-create the sockets (repair mode, link down); adopt them at `resume`."""
-        for item in items:
-            self._incoming.append((item.state, tcprepair.restore(item.tcp)))
+        restored: list[tuple[SshSessionState, Restored]] = []
+        try:
+            for item in ckpt.sessions:
+                restored.append((item.state, tcprepair.restore(item.tcp)))
+        except BaseException:
+            for _, r in restored:
+                tcprepair.release(r.sock)
+            raise
+        self._incoming += restored
 
     async def resume(self) -> None:
+        """Link up: leave repair mode, send what the old host never sent, adopt.
+
+        Those bytes are SSH packets the old host already encrypted: they reach the
+        kernel whole and before anything asyncssh writes. The loop sends them, every
+        connection at once as its peer's window allows, so one slow reader cannot stall
+        every session of this Domain R as a blocking send would. If one cannot be sent
+        (RESEND_TIMEOUT), none is adopted and the sockets are dropped silently: the
+        move rolls back, and the old host still holds those bytes at the same sequence
+        numbers."""
         loop = asyncio.get_running_loop()
         incoming, self._incoming = self._incoming, []
+        for _, restored in incoming:
+            tcprepair.leave_repair(restored.sock, window_probe=True)
+            restored.sock.setblocking(False)
+        sent = await asyncio.gather(*(self._resend(loop, r) for _, r in incoming))
+        failed = [why for why in sent if why is not None]
+        if failed:
+            for _, restored in incoming:
+                with contextlib.suppress(KeeperError):
+                    tcprepair.enter_repair(restored.sock)  # this copy says nothing more
+                tcprepair.release(restored.sock)
+            raise NotMovable("resuming SSH: " + "; ".join(failed))
         for state, restored in incoming:
             sock = restored.sock
-            tcprepair.leave_repair(sock, window_probe=True)
-            if restored.resend:  # already-encrypted packets the old host never sent
-                sock.setblocking(True)
-                sock.sendall(restored.resend)
             srv = self._server()
             conn = await movable.import_(
                 state, sock, server_factory=lambda srv=srv: srv,
@@ -200,6 +251,21 @@ class SshHost:
             task = asyncio.create_task(self._watch(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _resend(loop: asyncio.AbstractEventLoop, restored: Restored) -> str | None:
+        """Hand the never-sent bytes to the kernel; why not, if it could not."""
+        if not restored.resend:
+            return None
+        try:
+            await asyncio.wait_for(loop.sock_sendall(restored.sock, restored.resend),
+                                   RESEND_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            peer: object = "?"
+            with contextlib.suppress(OSError):
+                peer = restored.sock.getpeername()
+            return f"{len(restored.resend)} unsent bytes for {peer}: {exc!r}"
+        return None
 
     def _restored_session(self, srv: ConsoleServer, app: dict[str, Any]) -> ConsoleSession:
         session = ConsoleSession.restored(self, app)
@@ -230,6 +296,9 @@ class SshHost:
     async def close(self) -> None:
         """Idempotent: stop accepting, close connections, wait for their tasks."""
         self.acceptor.close()
+        incoming, self._incoming = self._incoming, []
+        for _, restored in incoming:
+            tcprepair.release(restored.sock)  # restored, never resumed: still in repair
         for conn in list(self.conns):
             conn.close()
         for task in list(self._tasks):

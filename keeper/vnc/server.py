@@ -7,7 +7,8 @@ repair): a session can be checkpointed at any instant. Several viewers may watch
 and type at once (shared sessions); each gets the damage the guest announces.
 
 A malformed message from a viewer closes that viewer's connection (with the RFB
-failure reason where the protocol has one); nothing else is affected.
+failure reason where the protocol has one); nothing else is affected. Domain R drives
+`VncHost` as a keeper.domr.services.Service.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keeper import ports
+from keeper.errors import KeeperError
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -28,7 +30,6 @@ from keeper.vnc import rfb
 from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
 
 log = logging.getLogger("keeper.vnc")
-
 
 
 @dataclass(slots=True)
@@ -49,6 +50,11 @@ class VncSessionState:
 class VncCheckpoint:
     session: VncSessionState
     tcp: TcpRepairRecord
+
+
+@dataclass(slots=True)
+class VncHostCheckpoint:
+    sessions: list[VncCheckpoint] = field(default_factory=list)
 
 
 InputGroup = list[tuple[str, int, int]]  # ("key", KEY_*, 1|0) or ("pos", x, y)
@@ -180,8 +186,14 @@ def _merge(rects: list[list[int]]) -> list[tuple[int, int, int, int]]:
 
 
 class VncHost:
-    def __init__(self, display: Display, ip: str, name: str, *, port: int = ports.VNC) -> None:
-        self.display, self.ip, self.name, self.port = display, ip, name, port
+    """The VNC sessions of one Domain R and their listener. `name` is the service's;
+    the desktop name viewers see is `desktop`."""
+
+    name = "vnc"
+
+    def __init__(self, display: Display, ip: str, desktop: str, *,
+                 port: int = ports.VNC) -> None:
+        self.display, self.ip, self.desktop, self.port = display, ip, desktop, port
         self.conns: dict[int, VncConn] = {}
         self.loop = asyncio.get_running_loop()
         self.acceptor = Acceptor(ip, port, self._on_accept)
@@ -189,6 +201,7 @@ class VncHost:
         self._incoming: list[tuple[VncSessionState, socket.socket]] = []
         self.keys = self.frames = 0
         self.serving = False
+        self._in_repair = False  # our sessions' sockets are dumped, not yet live again
         display.on_room = self.on_room
 
     def bind(self) -> None:
@@ -199,12 +212,13 @@ class VncHost:
         self.serving = True
         self.on_room()  # input held across a stop or a move
 
-    def stop(self) -> None:
-        """Quiesce: no accepting, no reading or writing on any session."""
+    async def quiesce(self) -> list[str]:
+        """No accepting, no reading or writing on any session."""
         self.serving = False
         self.acceptor.stop()
         for conn in self.conns.values():
             conn.stop()
+        return []
 
     def on_room(self) -> None:
         """The display can take input again: sessions hand over what they hold, and
@@ -218,7 +232,7 @@ class VncHost:
 
     def _on_accept(self, sock: socket.socket) -> None:
         core = rfb.RfbServer(width=self.display.width, height=self.display.height,
-                             name=self.name)
+                             name=self.desktop)
         core.connection_made()
         state = VncSessionState(id=self._next_id, rfb=core.state)
         self._next_id += 1
@@ -232,37 +246,51 @@ class VncHost:
 
     # -- moving ---------------------------------------------------------------------------
 
-    def checkpoint(self) -> list[VncCheckpoint]:
+    def checkpoint(self, left_behind: list[str]) -> VncHostCheckpoint:
+        self._in_repair = True  # also if a dump fails midway: rollback takes them out
         out = []
         for conn in list(self.conns.values()):
             conn.state.out += conn.core.data_to_send()
             conn.state.rfb = conn.core.state
             out.append(VncCheckpoint(session=conn.state, tcp=tcprepair.dump(conn.sock)))
-        return out
+        return VncHostCheckpoint(sessions=out)
 
     def resume_in_place(self) -> None:
+        if self._in_repair:
+            for conn in list(self.conns.values()):
+                with contextlib.suppress(KeeperError):
+                    tcprepair.leave_repair(conn.sock, window_probe=True)
+            self._in_repair = False
         for conn in list(self.conns.values()):
-            with contextlib.suppress(Exception):
-                tcprepair.leave_repair(conn.sock, window_probe=True)
             conn.start()
 
     def release(self) -> None:
         for conn in list(self.conns.values()):
             tcprepair.release(conn.sock)
         self.conns.clear()
+        self.acceptor.close()
 
-    def restore(self, items: list[VncCheckpoint]) -> None:
-        for item in items:
-            restored = tcprepair.restore(item.tcp)
-            item.session.out = restored.resend + item.session.out
-            self._incoming.append((item.session, restored.sock))
-            self._next_id = max(self._next_id, item.session.id + 1)
+    def restore(self, ckpt: VncHostCheckpoint) -> None:
+        """Re-create the sockets (repair mode, link down); serve them at `resume`."""
+        restored: list[tuple[VncSessionState, socket.socket]] = []
+        try:
+            for item in ckpt.sessions:
+                r = tcprepair.restore(item.tcp)
+                item.session.out = r.resend + item.session.out
+                restored.append((item.session, r.sock))
+        except BaseException:
+            for _, sock in restored:
+                tcprepair.release(sock)
+            raise
+        self._incoming += restored
+        for state, _ in restored:
+            self._next_id = max(self._next_id, state.id + 1)
 
-    def resume(self) -> None:
+    async def resume(self) -> None:
         incoming, self._incoming = self._incoming, []
         for state, sock in incoming:
             tcprepair.leave_repair(sock, window_probe=True)
-            core = rfb.RfbServer(width=0, height=0, name=self.name, state=state.rfb)
+            core = rfb.RfbServer(width=0, height=0, name=self.desktop, state=state.rfb)
             conn = VncConn(self, sock, state, core)
             self.conns[state.id] = conn
         for conn in self.conns.values():
@@ -272,7 +300,13 @@ class VncHost:
         return [{"id": c.state.id, "phase": c.core.phase.value, "out": len(c.state.out),
                  "pending_input": len(c.state.pending_input)} for c in self.conns.values()]
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Idempotent: stop accepting, close the sessions (dumped ones stay silent: a
+        socket in repair mode closes without FIN or RST)."""
+        self.serving = False
         self.acceptor.close()
+        incoming, self._incoming = self._incoming, []
+        for _, sock in incoming:
+            tcprepair.release(sock)  # restored, never resumed: still in repair
         for conn in list(self.conns.values()):
             conn.close("Domain R shutting down")

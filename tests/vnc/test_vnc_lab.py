@@ -49,7 +49,7 @@ async def test_vncdotool_types_through_migrations_and_sees_the_guests_screen(
 
 
 async def test_a_malformed_viewer_is_closed_and_others_go_on(lab: LabSpec) -> None:
-    from keeper.vnc.client import VncTypist
+    from keeper.lab.vncclient import VncTypist
 
     doc = await ops.create_guest(lab, GUEST, "a", mem_mb=16)
     good = await VncTypist.connect(lab.client_ns, (doc["ip"], 5900), period=0.02)
