@@ -32,6 +32,7 @@ from keeper.lab.typist import Typist, compare
 from keeper.lab.vncclient import VncTypist
 from keeper.migrate.trace import longest_wait
 from keeper.qemu.image import PROMPT as QEMU_PROMPT
+from keeper.qemu.image import TERMINAL_QUERY
 
 GUEST = "guest1"
 
@@ -43,7 +44,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
-                  say: Any, prompt: bytes) -> Typist | VncTypist:
+                  say: Any, prompt: bytes, noise: bytes) -> Typist | VncTypist:
     if rms == "vnc":
         say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:{ports.VNC}")
         say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:{ports.VNC}   "
@@ -52,7 +53,8 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
     if rms == "console":
         say(f"{GUEST}'s console through Domain R at {ip}:{ports.CONSOLE} (raw TCP)")
         say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} {ports.CONSOLE}")
-        return await Typist.over_tcp(spec.client_ns, (ip, ports.CONSOLE), prompt=prompt)
+        return await Typist.over_tcp(spec.client_ns, (ip, ports.CONSOLE), prompt=prompt,
+                                     noise=noise)
     key = spec.ssh_dir / "id_ed25519"
     say(f"{GUEST}'s console through Domain R over SSH at {ip}:22, OpenSSH as the client")
     say(f"  attach yourself:  ip netns exec {spec.client_ns} ssh -i {key} admin@{ip}"
@@ -61,7 +63,7 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
                                known_hosts=workdir / "known_hosts")
     await link.wait_connected()
     await asyncio.sleep(1.0)  # the login's own output settles first
-    return Typist(link, prompt)
+    return Typist(link, prompt, noise=noise)
 
 
 async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms: str = "console",
@@ -74,8 +76,9 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
     before = first["count"]
     kind = dom.get("kind", "sim")
     prompt = QEMU_PROMPT if kind == "qemu" else f"{GUEST}:~$ ".encode()
+    noise = TERMINAL_QUERY if kind == "qemu" else b""
     workdir = Path(tempfile.mkdtemp(prefix="keeper-demo-"))
-    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt)
+    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt, noise)
     stop = asyncio.Event()
     typing = asyncio.create_task(typist.run(stop))
     stats_ref = typist.stats

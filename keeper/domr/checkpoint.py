@@ -32,6 +32,8 @@ class DomrCheckpoint:
     # the keyboard/framebuffer backends and the VNC sessions on them (None: no display)
     display: DisplayBackendState | None = None
     vnc: VncHostCheckpoint | None = None
+    # a QEMU guest's Domain R: which guest's device sockets to open on the target
+    qemu_guest: str | None = None
 
 
 def encode(ckpt: DomrCheckpoint) -> bytes:

@@ -10,6 +10,7 @@ network namespaces), the stand-in for Xen's inter-domain control channel:
     POST /commit                      the move succeeded: drop everything silently, exit
     POST /restore   (checkpoint body) rebuild sessions, sockets in repair mode
     POST /resume                      leave repair, announce, serve
+    POST /hold      {on}              hold the guest's input here (QEMU migrations)
     POST /announce                    one gratuitous ARP now
 """
 
@@ -32,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--console-port", type=int, default=2323)
     p.add_argument("--hypercall", help="hypercall socket: serve the guest's console "
                    "(without it: a stand-alone echo service)")
+    p.add_argument("--devices", help="device channel: serve a QEMU guest's serial console "
+                   "and screen (its agent hands over the sockets)")
     p.add_argument("--ssh-host-key", help="serve the console over SSH with this host key")
     p.add_argument("--ssh-authorized-keys", help="public keys allowed to log in over SSH")
     p.add_argument("--restore", action="store_true", help="start empty, await a checkpoint")

@@ -31,6 +31,8 @@ from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
 from keeper.domr.services import ConsoleFed, Service
 from keeper.errors import KeeperError
+from keeper.qemu.chardev import ChardevConsole, ChardevState
+from keeper.qemu.display import QemuDisplay, QemuDisplayState
 from keeper.ssh.host import SshConfig, SshHost
 from keeper.vnc.server import VncHost
 
@@ -49,7 +51,9 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-Device = EchoDevice | ConsoleBackend
+Device = EchoDevice | ConsoleBackend | ChardevConsole
+Display = DisplayBackend | QemuDisplay
+DRAIN_TIMEOUT = 5.0  # for QEMU to read what we sent it, the VM running
 
 
 @dataclass(slots=True)
@@ -70,12 +74,13 @@ class DomainR:
         console_port: int = ports.CONSOLE, announce: bool = True,
         announce_schedule: tuple[int, ...] = DEFAULT_SCHEDULE_MS,
         device: Device | None = None, ssh: SshConfig | None = None,
-        display: DisplayBackend | None = None,
+        display: Display | None = None,
     ) -> None:
         self.name, self.ip, self.mac, self.iface = name, ip, mac, iface
         self.console_port = console_port
         self.device: Device = device if device is not None else EchoDevice()
-        if isinstance(self.device, ConsoleBackend):
+        self.input_held = False  # a QEMU guest's migration holds input here (hold_input)
+        if not isinstance(self.device, EchoDevice):
             self.device.broadcast = self._broadcast
             self.device.retry_inputs = self._retry_inputs
             self.device.may_output = self._may_output
@@ -100,6 +105,8 @@ class DomainR:
         if display is not None:
             self.vnc = VncHost(display, ip, name)
             display.on_damage = self.vnc.damage
+            if isinstance(display, QemuDisplay):
+                display.on_resize = self.vnc.resize
 
     def _add_ssh(self, cfg: SshConfig) -> SshHost:
         self.ssh = SshHost(cfg, self.ip, on_input=self._console_input,
@@ -135,7 +142,7 @@ class DomainR:
 
     def output_drained(self) -> None:
         """A session's backlog went down: the console may hand out more."""
-        if isinstance(self.device, ConsoleBackend):
+        if not isinstance(self.device, EchoDevice):
             self.device.pump_output()
 
     # -- serving --------------------------------------------------------------
@@ -164,6 +171,28 @@ class DomainR:
         self.device.start(self.loop)
         if self.display is not None:
             self.display.start(self.loop)
+        if self.input_held:  # a restart during a QEMU migration: input stays held
+            for link in (self.device, self.display):
+                if isinstance(link, ChardevConsole | QemuDisplay):
+                    link.hold(True)
+
+    async def hold_input(self, on: bool) -> None:
+        """Hold the guest's input here (on) or let it flow (off). Holding returns once
+        QEMU has read everything sent before: a QEMU guest's migration calls this
+        before QEMU may stop the VM, which would drop keys (keeper.migrate.qemu)."""
+        self.input_held = on
+        links = [x for x in (self.device, self.display)
+                 if isinstance(x, ChardevConsole | QemuDisplay)]
+        for link in links:
+            link.hold(on)
+        if on:
+            await asyncio.gather(*(link.drain(DRAIN_TIMEOUT) for link in links))
+
+    def _qemu_guest(self) -> str | None:
+        for link in (self.device, self.display):
+            if isinstance(link, ChardevConsole | QemuDisplay) and link.state is not None:
+                return link.state.guest
+        return None
 
     # -- moving ---------------------------------------------------------------
 
@@ -200,10 +229,12 @@ class DomainR:
         blob = ck.encode(
             ck.DomrCheckpoint(
                 name=self.name, ip=self.ip, mac=self.mac, console=console,
-                left_behind=list(self.left_behind), device=self.device.state,
+                left_behind=list(self.left_behind),
+                device=self.device.state if isinstance(self.device, ConsoleBackend) else None,
                 ssh=parts.get("ssh"),
-                display=self.display.state if self.display is not None else None,
-                vnc=parts.get("vnc"),
+                display=self.display.state if isinstance(self.display, DisplayBackend)
+                else None,
+                vnc=parts.get("vnc"), qemu_guest=self._qemu_guest(),
             )
         )
         self.last_move = MoveStats(
@@ -237,8 +268,9 @@ class DomainR:
         self.phase = Phase.CLOSED
         self.stopped.set()
 
-    def restore(self, blob: bytes) -> MoveStats:
-        """Bring sessions back from a checkpoint (link still down, sockets in repair)."""
+    async def restore(self, blob: bytes) -> MoveStats:
+        """Bring sessions back from a checkpoint (link still down, sockets in repair).
+        A QEMU guest's links are made to the QEMU on this host (S7, before `cont`)."""
         self._require(Phase.EMPTY)
         t0 = time.perf_counter()
         doc = ck.decode(blob)
@@ -247,16 +279,26 @@ class DomainR:
                 f"checkpoint is for {doc.name} {doc.ip} {doc.mac}, this is "
                 f"{self.name} {self.ip} {self.mac}"
             )
-        if (doc.device is None) != isinstance(self.device, EchoDevice):
+        guest_console = doc.device is not None or doc.qemu_guest is not None
+        if guest_console == isinstance(self.device, EchoDevice):
             raise KeeperError("checkpoint and this Domain R disagree about the guest console")
         if doc.device is not None:
-            assert isinstance(self.device, ConsoleBackend)
+            if not isinstance(self.device, ConsoleBackend):
+                raise KeeperError("a simulated guest's checkpoint, but this Domain R has "
+                                  "no hypercall channel")
             self.device.reconnect(doc.device)  # S7: the same pages, the same port
+        if doc.qemu_guest is not None:
+            if not isinstance(self.device, ChardevConsole):
+                raise KeeperError("a QEMU guest's checkpoint, but this Domain R has no "
+                                  "device channel")
+            self.device.reconnect(ChardevState(guest=doc.qemu_guest))
+            if isinstance(self.display, QemuDisplay):
+                await self.display.reconnect(QemuDisplayState(guest=doc.qemu_guest))
         if doc.ssh is not None and self.ssh is None:
             # the same host key: the client sees no change; bound before its sockets
             # are restored on its port
             self._add_ssh(doc.ssh.config).bind()
-        if doc.display is not None and self.display is not None:
+        if doc.display is not None and isinstance(self.display, DisplayBackend):
             self.display.reconnect(doc.display)
         parts = {"console": doc.console, "ssh": doc.ssh, "vnc": doc.vnc}
         for svc in self.services:

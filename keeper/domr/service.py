@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -21,12 +22,20 @@ from keeper import control
 from keeper.arp.garp import parse_schedule
 from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
-from keeper.domr.server import DomainR
+from keeper.domr.server import Device, Display, DomainR
+from keeper.qemu.chardev import ChardevConsole
+from keeper.qemu.devices import DeviceClient
+from keeper.qemu.display import QemuDisplay
 from keeper.ssh.host import SshConfig
 from keeper.vmm.hypercall import HypercallClient
 
 log = logging.getLogger("keeper.domr")
 PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    on: bool
 
 
 def build_app(domr: DomainR) -> web.Application:
@@ -72,7 +81,7 @@ def build_app(domr: DomainR) -> web.Application:
     @routes.post("/restore")
     @guarded
     async def restore(request: web.Request) -> web.StreamResponse:
-        stats = domr.restore(await request.read())
+        stats = await domr.restore(await request.read())
         return web.json_response({"sessions": stats.sessions, "restore_ms": stats.restore_ms})
 
     @routes.post("/resume")
@@ -81,6 +90,13 @@ def build_app(domr: DomainR) -> web.Application:
         await domr.resume()
         _die_with_parent(False)  # serving now: outlive an agent restart, like a VM
         return web.json_response({"phase": domr.phase.value})
+
+    @routes.post("/hold")
+    @guarded
+    async def hold(request: web.Request) -> web.StreamResponse:
+        body = await control.body(request, Hold)
+        await domr.hold_input(body.on)
+        return web.json_response({"held": domr.input_held})
 
     @routes.post("/announce")
     @guarded
@@ -101,8 +117,15 @@ def _die_with_parent(on: bool) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    device = display = None
-    if args.hypercall:
+    device: Device | None = None
+    display: Display | None = None
+    if args.devices:  # a QEMU guest: its serial console and QEMU's VNC server
+        devices = DeviceClient(args.devices)
+        device, display = ChardevConsole(devices), QemuDisplay(devices)
+        if not args.restore:
+            device.connect()
+            await display.connect()
+    elif args.hypercall:
         hc = HypercallClient(args.hypercall)
         device = ConsoleBackend(hc)
         display = DisplayBackend(hc)

@@ -13,6 +13,8 @@ import asyncio
 from keeper.errors import KeeperError, MigrationError
 from keeper.hostd import metrics
 from keeper.hostd.agent import HostAgent
+from keeper.hostd.guests import GuestEntry
+from keeper.hostd.qemu_guests import QemuGuestEntry
 from keeper.migrate.domr import DomrLink
 from keeper.migrate.peer import IncomingGuest, PrepareDomr
 from keeper.migrate.plans import CoMigration, DomrMove, GuestMigrator, Progress, SoloMigration
@@ -131,7 +133,9 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
     """Domain U and its Domain R to another host: co-migration, or the baseline's solo
     migration when the guest's servers run in Dom0."""
     _check_target(agent, name, target)
-    g, r = agent.guests.get(name), agent.domr(name)
+    r = agent.domr(name)
+    g: GuestEntry | QemuGuestEntry = (agent.qemu.get(name) if agent.guest_kind(name) == "qemu"
+                                      else agent.guests.get(name))
     guest = guest_migrator(agent, name, target, progress)
     plan: SoloMigration | CoMigration
     if r.baseline:

@@ -144,8 +144,13 @@ class SocketLink:
 class Typist(KeyLoop):
     """Types into a console (raw TCP or SSH) and checks the echo byte for byte."""
 
-    def __init__(self, link: Link, prompt: bytes, period: float = 0.05) -> None:
+    def __init__(self, link: Link, prompt: bytes, period: float = 0.05, *,
+                 noise: bytes = b"") -> None:
         self.link, self.prompt, self.period = link, prompt, period
+        # a sequence the console may insert anywhere, that is not an echo (busybox ash
+        # asks the terminal where its cursor is after a prompt, unless keys wait)
+        self.noise = noise
+        self._carry = b""
         self.stats = TypistStats()
         self._expect = bytearray()  # what the console must still send back
         # (end offset in the expected stream, sent at), oldest first
@@ -155,8 +160,8 @@ class Typist(KeyLoop):
 
     @classmethod
     async def over_tcp(cls, ns: str, addr: tuple[str, int], prompt: bytes,
-                       period: float = 0.05) -> Typist:
-        return cls(await SocketLink.connect(ns, addr), prompt, period)
+                       period: float = 0.05, *, noise: bytes = b"") -> Typist:
+        return cls(await SocketLink.connect(ns, addr), prompt, period, noise=noise)
 
     def retransmits(self) -> int:
         return self.link.retransmits()
@@ -176,6 +181,9 @@ class Typist(KeyLoop):
             if not data:
                 raise ConnectionError("the console closed the connection")
             now = time.monotonic()
+            data = self._denoise(data)
+            if not data:
+                continue
             want = bytes(self._expect[: len(data)])
             if data != want:
                 self.stats.mismatches += 1
@@ -185,6 +193,18 @@ class Typist(KeyLoop):
             self._got_total += len(data)
             while self._times and self._times[0][0] <= self._got_total:
                 self._echoed(self._times.popleft()[1], now)
+
+    def _denoise(self, data: bytes) -> bytes:
+        """`data` without the noise sequence, also when a recv cut it in two."""
+        if not self.noise:
+            return data
+        data = (self._carry + data).replace(self.noise, b"")
+        self._carry = b""
+        for n in range(len(self.noise) - 1, 0, -1):  # a tail that may start the noise
+            if data.endswith(self.noise[:n]):
+                data, self._carry = data[:-n], data[-n:]
+                break
+        return data
 
     def _owed(self) -> int:
         return len(self._times)

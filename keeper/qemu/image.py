@@ -83,8 +83,10 @@ class GuestImage:
 
 
 # what the guest's serial shell prints before each command: busybox ash's prompt
-# (PS1 in guest/init) and its cursor-position query (line editing asks the terminal)
-PROMPT = b"keeper-guest:/root# \x1b[6n"
+# (PS1 in guest/init); after it, unless keys are already waiting, its line editing
+# asks the terminal where the cursor is (TERMINAL_QUERY, which we do not answer)
+PROMPT = b"keeper-guest:/root# "
+TERMINAL_QUERY = b"\x1b[6n"
 
 def default_cache() -> Path:
     return Path(os.environ.get("KEEPER_GUEST_CACHE") or DEFAULT_CACHE)

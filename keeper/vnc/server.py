@@ -244,6 +244,17 @@ class VncHost:
         for conn in list(self.conns.values()):
             conn.damage(rects)
 
+    def resize(self, width: int, height: int) -> None:
+        """The guest's screen changed size (a QEMU guest switching video modes): every
+        viewer is told (DesktopSize) and gets the whole new screen; one that cannot
+        follow is closed, and gets the new size when it reconnects."""
+        for conn in list(self.conns.values()):
+            try:
+                conn.core.resize(width, height)
+            except rfb.RfbError as exc:
+                conn.close(f"cannot follow the resize to {width}x{height}: {exc}")
+        self.damage([(0, 0, width, height)])
+
     # -- moving ---------------------------------------------------------------------------
 
     def checkpoint(self, left_behind: list[str]) -> VncHostCheckpoint:
