@@ -28,6 +28,11 @@ from keeper.vnc.upstream_link import UpstreamDisplay
 log = logging.getLogger("keeper.qemu.display")
 Rect = tuple[int, int, int, int]
 CONNECT_TIMEOUT = 20.0
+# QEMU's PS/2 keyboard queues 16 bytes and drops what does not fit, and QEMU's VNC
+# server passes keys on as fast as they come: a burst (held keys let go after a
+# migration, a paste) would overflow it. So key events go to QEMU at most one per
+# KEY_PACE — 100 per second, a fast typist's rate several times over.
+KEY_PACE = 0.005
 
 
 @dataclass(slots=True)
@@ -45,6 +50,8 @@ class QemuDisplay:
         self.serving = False
         self.held = False
         self._dirty = False
+        self._next_ok = 0.0
+        self._pace_timer: asyncio.TimerHandle | None = None
         self.on_damage: Callable[[list[Rect]], None] = lambda rects: None
         self.on_resize: Callable[[int, int], None] = lambda w, h: None
         self.on_room: Callable[[], None] = lambda: None
@@ -90,7 +97,21 @@ class QemuDisplay:
     def put_input(self, group: Sequence[tuple[str, int, int]]) -> bool:
         if not self.serving or self.held or self.up is None:
             return False
-        return self.up.put_input(group)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._next_ok:  # paced: see KEY_PACE
+            if self._pace_timer is None:
+                self._pace_timer = loop.call_at(self._next_ok, self._paced)
+            return False
+        if not self.up.put_input(group):
+            return False
+        keys = sum(1 for kind, _, _ in group if kind == "key")
+        self._next_ok = now + KEY_PACE * keys
+        return True
+
+    def _paced(self) -> None:
+        self._pace_timer = None
+        self._room()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -103,6 +124,9 @@ class QemuDisplay:
 
     def stop(self) -> None:
         self.serving = False
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
+            self._pace_timer = None
 
     def hold(self, on: bool) -> None:
         self.held = on

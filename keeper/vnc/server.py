@@ -55,6 +55,8 @@ class VncCheckpoint:
 @dataclass(slots=True)
 class VncHostCheckpoint:
     sessions: list[VncCheckpoint] = field(default_factory=list)
+    # input of viewers that left before the guest took all of it (still delivered)
+    orphaned: list[list[tuple[str, int, int]]] = field(default_factory=list)
 
 
 InputGroup = list[tuple[str, int, int]]  # ("key", KEY_*, 1|0) or ("pos", x, y)
@@ -129,6 +131,8 @@ class VncConn(SocketPump):
 
     def push_input(self) -> None:
         """Hand waiting input to the display, in order, as far as it takes it."""
+        if not self.host.push_orphaned():
+            return  # older input of a viewer that left goes first
         pending, put = self.state.pending_input, self.host.display.put_input
         n = 0
         while n < len(pending) and put(pending[n]):
@@ -173,6 +177,9 @@ class VncConn(SocketPump):
         with contextlib.suppress(OSError):
             self.sock.close()
         self.host.conns.pop(self.state.id, None)
+        # what the viewer typed before it left is the user's: it still goes in
+        self.host.orphaned += self.state.pending_input
+        self.state.pending_input = []
         log.info("vnc session %d closed: %s", self.state.id, why)
 
 
@@ -200,6 +207,7 @@ class VncHost:
         self._next_id = 1
         self._incoming: list[tuple[VncSessionState, socket.socket]] = []
         self.keys = self.frames = 0
+        self.orphaned: list[InputGroup] = []  # input of viewers that left, not yet taken
         self.serving = False
         self._in_repair = False  # our sessions' sockets are dumped, not yet live again
         display.on_room = self.on_room
@@ -225,10 +233,20 @@ class VncHost:
         the ones that hold nothing any more read their viewers again."""
         if not self.serving:
             return
+        if not self.push_orphaned():
+            return  # older than anything the sessions hold
         for conn in list(self.conns.values()):
             if conn.state.pending_input:
                 conn.push_input()
                 conn.flush()
+
+    def push_orphaned(self) -> bool:
+        """Hand over the input of viewers that left; True once none is left."""
+        n = 0
+        while n < len(self.orphaned) and self.display.put_input(self.orphaned[n]):
+            n += 1
+        del self.orphaned[:n]
+        return not self.orphaned
 
     def _on_accept(self, sock: socket.socket) -> None:
         core = rfb.RfbServer(width=self.display.width, height=self.display.height,
@@ -264,7 +282,7 @@ class VncHost:
             conn.state.out += conn.core.data_to_send()
             conn.state.rfb = conn.core.state
             out.append(VncCheckpoint(session=conn.state, tcp=tcprepair.dump(conn.sock)))
-        return VncHostCheckpoint(sessions=out)
+        return VncHostCheckpoint(sessions=out, orphaned=list(self.orphaned))
 
     def resume_in_place(self) -> None:
         if self._in_repair:
@@ -294,6 +312,7 @@ class VncHost:
                 tcprepair.release(sock)
             raise
         self._incoming += restored
+        self.orphaned = ckpt.orphaned + self.orphaned
         for state, _ in restored:
             self._next_id = max(self._next_id, state.id + 1)
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from vncdotool import api
 
 
-def main(addr: str, text: str, out: str, period: float, timeout: float = 20) -> int:
+def main(addr: str, text: str, out: str, period: float, timeout: float = 20,
+         gate: str = "") -> int:
+    """With `gate`, the screen is captured once that file exists (the caller says the
+    guest has taken every key), on the same connection."""
     client = api.connect(addr, timeout=timeout)
     try:
         client.refreshScreen()
@@ -20,6 +24,9 @@ def main(addr: str, text: str, out: str, period: float, timeout: float = 20) -> 
             if period:
                 time.sleep(period)
         time.sleep(1.0)
+        deadline = time.monotonic() + timeout
+        while gate and not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         client.refreshScreen()
         client.captureScreen(out)
     finally:
@@ -30,4 +37,5 @@ def main(addr: str, text: str, out: str, period: float, timeout: float = 20) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], *map(float, sys.argv[4:6])))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], *map(float, sys.argv[4:6]),
+                  *sys.argv[6:7]))
