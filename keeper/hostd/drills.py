@@ -3,15 +3,18 @@
 `POST /debug/fault {"point": P, "action": "fail"|"crash"}` arms point P once: the
 next time the agent passes it, the request fails (a clean error, the migration rolls
 back) or the agent process dies on the spot (exit 70), as a crashed host would.
-`{"point": ACTION, "action": "cancel"}` (ACTION one of keeper.migrate.sync.Action's
-names) cancels the next migration run from this host just after it launched that
-action: the rollback a cancelled migration must do, drilled at every step.
+`"kill_guest"` kills the guest's QEMU there (a QEMU guest, at associate, evtchns or
+guest_resume on the target) and carries on. `{"point": ACTION, "action": "cancel"}`
+(ACTION one of keeper.migrate.sync.Action's names) cancels the next migration run
+from this host just after it launched that action: the rollback a cancelled
+migration must do, drilled at every step.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 
 from keeper.errors import BadRequest, KeeperError
@@ -19,7 +22,7 @@ from keeper.migrate.sync import Action
 
 log = logging.getLogger("keeper.hostd")
 
-ACTIONS = ("fail", "crash", "cancel")
+ACTIONS = ("fail", "crash", "cancel", "kill_guest")
 # where the agent checks for an armed fault, in the order a migration passes them
 POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "restored",
           "guest_resume", "link_up")
@@ -47,9 +50,13 @@ class Drills:
             return True
         return False
 
-    def check(self, point: str) -> None:
-        """Pass `point`: fail or crash if a drill is armed there (once)."""
+    def check(self, point: str, *, guest_pid: int | None = None) -> None:
+        """Pass `point`: fail or crash if a drill is armed there (once); `kill_guest`
+        kills the guest's QEMU (`guest_pid`) and goes on, as a crashed VM would."""
         action = self.armed.pop(point, None)
+        if action == "kill_guest" and guest_pid is not None:
+            log.warning("fault drill: killing the guest (QEMU %d) at %s", guest_pid, point)
+            os.kill(guest_pid, signal.SIGKILL)
         if action == "crash":
             log.warning("fault drill: crashing at %s", point)
             os._exit(70)

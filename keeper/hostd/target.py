@@ -78,7 +78,8 @@ class AgentTarget:
 
     async def associate(self, name: str) -> dict[str, Any]:
         a = self.agent
-        a.drills.check("associate")
+        q = a.qemu.entries.get(name)
+        a.drills.check("associate", guest_pid=q.machine.pid if q is not None else None)
         r = a.domr(name)
         if r.devices is not None:  # a QEMU guest's twin may now open that guest's sockets
             a.qemu.get(name)
@@ -95,7 +96,7 @@ class AgentTarget:
             # S6 for QEMU: the device sockets are up since QEMU started; what travels
             # is the journal so far, so the union stays in migration order
             q = a.qemu.get(name)
-            a.drills.check("evtchns")
+            a.drills.check("evtchns", guest_pid=q.machine.pid)
             journal = links.state.get("journal", "")
             if not isinstance(journal, str):
                 raise BadRequest("links.state.journal must be a string")
@@ -138,7 +139,7 @@ class AgentTarget:
         q = self.agent.qemu.get(name)
         if not q.links_ready:  # S6: never before the device links are re-made
             raise KeeperError(f"guest {name}: device links not re-established")
-        self.agent.drills.check("guest_resume")
+        self.agent.drills.check("guest_resume", guest_pid=q.machine.pid)
         # the incoming side has all of the VM once the source saw `completed`
         for _ in range(500):
             if await q.machine.status() != "inmigrate":

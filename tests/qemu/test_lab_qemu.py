@@ -115,10 +115,12 @@ async def test_vncdotool_types_through_qemu_migrations(lab: LabSpec, tmp_path: P
     assert not np.array_equal(qemu, blank)
 
 
-@pytest.mark.parametrize("point", ["incoming", "prepare", "associate", "evtchns", "restore",
-                                   "guest_resume"])
-async def test_target_agent_dies_and_the_vm_goes_on_at_the_source(
-    lab: LabSpec, point: str
+@pytest.mark.parametrize(("point", "action"), [
+    ("incoming", "crash"), ("prepare", "crash"), ("associate", "crash"), ("evtchns", "crash"),
+    ("restore", "crash"), ("guest_resume", "crash"),
+    ("associate", "kill_guest"), ("evtchns", "kill_guest"), ("guest_resume", "kill_guest")])
+async def test_target_agent_or_qemu_dies_and_the_vm_goes_on_at_the_source(
+    lab: LabSpec, point: str, action: str
 ) -> None:
     doc = await ops.create_guest(lab, GUEST, "a", mem_mb=128, guest="qemu")
     before = (await ops.journal(lab, GUEST))["count"]
@@ -127,7 +129,7 @@ async def test_target_agent_dies_and_the_vm_goes_on_at_the_source(
     stop = asyncio.Event()
     task = asyncio.create_task(typist.run(stop))
     await asyncio.sleep(0.5)
-    await ops.call(lab, "b", "POST", "/debug/fault", json={"point": point, "action": "crash"})
+    await ops.call(lab, "b", "POST", "/debug/fault", json={"point": point, "action": action})
     with pytest.raises(KeeperError, match="stays on a"):
         await ops.migrate(lab, GUEST, "b")
     await asyncio.sleep(1.0)  # typing goes on, on host a
