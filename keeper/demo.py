@@ -32,7 +32,7 @@ from keeper.lab.typist import Typist, compare
 from keeper.lab.vncclient import VncTypist
 from keeper.migrate.trace import longest_wait
 from keeper.qemu.image import PROMPT as QEMU_PROMPT
-from keeper.qemu.image import TERMINAL_QUERY
+from keeper.qemu.image import TYPIST as QEMU_TYPIST
 
 GUEST = "guest1"
 
@@ -44,7 +44,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
-                  say: Any, prompt: bytes, noise: bytes) -> Typist | VncTypist:
+                  say: Any, prompt: bytes, qemu: bool) -> Typist | VncTypist:
+    extra: dict[str, Any] = dict(QEMU_TYPIST) if qemu else {}
     if rms == "vnc":
         say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:{ports.VNC}")
         say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:{ports.VNC}   "
@@ -54,7 +55,7 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
         say(f"{GUEST}'s console through Domain R at {ip}:{ports.CONSOLE} (raw TCP)")
         say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} {ports.CONSOLE}")
         return await Typist.over_tcp(spec.client_ns, (ip, ports.CONSOLE), prompt=prompt,
-                                     noise=noise)
+                                     **extra)
     key = spec.ssh_dir / "id_ed25519"
     say(f"{GUEST}'s console through Domain R over SSH at {ip}:22, OpenSSH as the client")
     say(f"  attach yourself:  ip netns exec {spec.client_ns} ssh -i {key} admin@{ip}"
@@ -63,7 +64,7 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
                                known_hosts=workdir / "known_hosts")
     await link.wait_connected()
     await asyncio.sleep(1.0)  # the login's own output settles first
-    return Typist(link, prompt, noise=noise)
+    return Typist(link, prompt, **extra)
 
 
 async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms: str = "console",
@@ -76,9 +77,8 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
     before = first["count"]
     kind = dom.get("kind", "sim")
     prompt = QEMU_PROMPT if kind == "qemu" else f"{GUEST}:~$ ".encode()
-    noise = TERMINAL_QUERY if kind == "qemu" else b""
     workdir = Path(tempfile.mkdtemp(prefix="keeper-demo-"))
-    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt, noise)
+    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt, kind == "qemu")
     stop = asyncio.Event()
     typing = asyncio.create_task(typist.run(stop))
     stats_ref = typist.stats

@@ -56,6 +56,21 @@ class QemuGuestEntry:
                 own = b""
         return self.history + own
 
+    async def wait_console_client(self, timeout: float = 5.0) -> None:
+        """Until QEMU has accepted a client on the serial console: QEMU drops what the
+        guest writes while its chardev has no client, so `cont` waits for Domain R's."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            chardevs = await self.machine.execute("query-chardev")
+            serial = next((c for c in chardevs if c.get("label") == "serial0"), None)
+            if serial is None or not str(serial.get("filename", "")).startswith("disconnected"):
+                return
+            if loop.time() > deadline:
+                raise KeeperError(f"guest {self.name}: nobody on its serial console after "
+                                  f"{timeout:.0f} s (Domain R's link)")
+            await asyncio.sleep(0.005)
+
     def devices(self) -> dict[str, Path]:
         p = self.machine.paths
         return {k: v for k, v in (("serial", p.serial), ("vnc", p.vnc)) if v is not None}

@@ -145,6 +145,7 @@ class AgentTarget:
             if await q.machine.status() != "inmigrate":
                 break
             await asyncio.sleep(0.01)
+        await q.wait_console_client()  # Domain R's link is there before the VM runs
         await q.machine.cont()
         q.state = "running"
         return {"resumed": name, "status": await q.machine.status()}

@@ -56,6 +56,10 @@ class KeyLoop:
 
     stats: TypistStats
     period: float
+    # Type a line only once the shell printed its prompt: a real Linux tty echoes
+    # keys typed while a command runs itself (typeahead, cooked mode), interleaved
+    # with the command's output, which no byte-exact echo check can follow.
+    line_sync = False
 
     async def _key(self, key: int) -> None:
         raise NotImplementedError
@@ -81,6 +85,10 @@ class KeyLoop:
                     await self._key(key)
                     await asyncio.sleep(self.period)
                 line += 1
+                if self.line_sync:  # the next line only once the prompt is back
+                    deadline = time.monotonic() + settle
+                    while self._owed() and time.monotonic() < deadline and not reader.done():
+                        await asyncio.sleep(0.005)
             deadline = time.monotonic() + settle
             while self._owed() and time.monotonic() < deadline and not reader.done():
                 await asyncio.sleep(0.02)
@@ -145,12 +153,14 @@ class Typist(KeyLoop):
     """Types into a console (raw TCP or SSH) and checks the echo byte for byte."""
 
     def __init__(self, link: Link, prompt: bytes, period: float = 0.05, *,
-                 noise: bytes = b"") -> None:
+                 noise: bytes = b"", line_sync: bool = False) -> None:
         self.link, self.prompt, self.period = link, prompt, period
+        self.line_sync = line_sync
         # a sequence the console may insert anywhere, that is not an echo (busybox ash
         # asks the terminal where its cursor is after a prompt, unless keys wait)
         self.noise = noise
         self._carry = b""
+        self._seen = b""  # the last bytes that matched (for an error's context)
         self.stats = TypistStats()
         self._expect = bytearray()  # what the console must still send back
         # (end offset in the expected stream, sent at), oldest first
@@ -160,8 +170,10 @@ class Typist(KeyLoop):
 
     @classmethod
     async def over_tcp(cls, ns: str, addr: tuple[str, int], prompt: bytes,
-                       period: float = 0.05, *, noise: bytes = b"") -> Typist:
-        return cls(await SocketLink.connect(ns, addr), prompt, period, noise=noise)
+                       period: float = 0.05, *, noise: bytes = b"",
+                       line_sync: bool = False) -> Typist:
+        return cls(await SocketLink.connect(ns, addr), prompt, period, noise=noise,
+                   line_sync=line_sync)
 
     def retransmits(self) -> int:
         return self.link.retransmits()
@@ -188,8 +200,9 @@ class Typist(KeyLoop):
             if data != want:
                 self.stats.mismatches += 1
                 raise ConnectionError(f"unexpected console output {data[:60]!r}, "
-                                      f"wanted {want[:60]!r}")
+                                      f"wanted {want[:60]!r} (after {self._seen[-80:]!r})")
             del self._expect[: len(data)]
+            self._seen = (self._seen + data)[-80:]
             self._got_total += len(data)
             while self._times and self._times[0][0] <= self._got_total:
                 self._echoed(self._times.popleft()[1], now)

@@ -6,7 +6,8 @@ The order, and why (DESIGN.md §5's traps):
             an empty Domain R there, ready before anything stops
   stop      quiesce (no accepting, reading or writing; what was read stays in the
             session state) → link down (no segment reaches the old sockets, none can
-            draw a RST when they are released) → dump (repair mode) → checkpoint
+            draw a RST when they are released) → dump (repair mode) → checkpoint;
+            for a QEMU guest only input stops here, the rest at S4 (`dump_at_s4`)
   restore   the checkpoint goes to the target agent over the management network;
             there the sockets are restored in repair mode, link still down
   resume    target: link up, repair off with a window probe, gratuitous ARP, serve
@@ -35,13 +36,19 @@ class DomrLink:
     """Implements plans.DomainRMover over Domain R's control API and a peer."""
 
     def __init__(self, req: PrepareDomr, control: Http, peer: PeerClient, *,
-                 set_link: SetLink, forget: Callable[[], Awaitable[None]]) -> None:
+                 set_link: SetLink, forget: Callable[[], Awaitable[None]],
+                 dump_at_s4: bool = False) -> None:
         self.req, self.control, self.peer = req, control, peer
         self.set_link, self.forget = set_link, forget
+        # A QEMU guest's R: at S3 it only stops passing input to the VM (held, and
+        # QEMU has read all of it); it goes on serving the guest's output until the
+        # VM has stopped, and is dumped then (S4): output written after R stopped
+        # would otherwise die with the source QEMU (it is not in the VM's state).
+        self.dump_at_s4 = dump_at_s4
         self.checkpoint = b""
         self.info: dict[str, Any] = {}
         # what we changed here, set *before* each call that may be cancelled midway
-        self._quiesced = self._link_down = False
+        self._quiesced = self._link_down = self._held = False
 
     @property
     def name(self) -> str:
@@ -51,6 +58,18 @@ class DomrLink:
         await self.peer.prepare_domr(self.req)
 
     async def stop(self) -> None:
+        if self.dump_at_s4:
+            self._held = True
+            await self.control.call("POST", "/hold", json={"on": True}, timeout=15)
+            return
+        await self._stop()
+
+    async def save_links(self) -> None:
+        """S4, U stopped: a QEMU guest's R stops now (see `dump_at_s4`)."""
+        if self.dump_at_s4:
+            await self._stop()
+
+    async def _stop(self) -> None:
         self._quiesced = True
         await self.control.call("POST", "/quiesce")
         self._link_down = True
@@ -79,6 +98,9 @@ class DomrLink:
         if self._quiesced:
             await self.control.call("POST", "/abort", timeout=10)
             self._quiesced = False
+        if self._held:
+            await self.control.call("POST", "/hold", json={"on": False}, timeout=10)
+            self._held = False
 
     async def cancel_target(self) -> None:
         await self.peer.cancel_domr(self.name)

@@ -42,6 +42,7 @@ class GuestMigrator(Protocol):
     async def unpause(self) -> None: ...  # rollback: U runs here again (idempotent)
     async def cancel_target(self) -> None: ...  # rollback: drop the target's U
     async def release(self) -> None: ...  # success: drop the source's U
+    def partner_ready(self) -> None: ...  # S1 passed (or no partner): R's twin is ready
     def report(self) -> dict[str, Any]: ...  # rounds, bytes_sent, mem_bytes, downtime…
 
 
@@ -50,6 +51,7 @@ class DomainRMover(Protocol):
 
     async def prepare(self) -> None: ...  # target: the twin, link down, empty
     async def stop(self) -> None: ...  # quiesce, link down, dump (keeps the checkpoint)
+    async def save_links(self) -> None: ...  # S4 (a QEMU guest's R is dumped only now)
     async def restore(self) -> None: ...  # target: sessions back, sockets in repair
     async def resume(self) -> None: ...  # target: link up, repair off, announce
     async def restart(self) -> None: ...  # rollback: link up here, serve again
@@ -126,6 +128,11 @@ class CoMigration(_Run):
         super().__init__(Trace("co-migration", name, source, target), progress)
         self.name, self.peer, self.guest, self.domr = name, peer, guest, domr
         self.links: DeviceLinks | None = None
+        self.hooks.append(self._s1)
+
+    def _s1(self, step: Step) -> None:
+        if Point.S1.value in step.marks:
+            self.guest.partner_ready()
 
     def actions(self) -> dict[Action, ActionFn]:
         g, r, a = self.guest, self.domr, Action
@@ -141,6 +148,7 @@ class CoMigration(_Run):
         }
 
     async def _save_links(self) -> None:
+        await self.domr.save_links()
         self.links = await self.guest.save_links()
         self.trace.info["evtchn_pairs"] = self.links.pairs
         if self.links.state:
@@ -217,6 +225,7 @@ class SoloMigration(_Run):
         }
 
     async def run(self) -> dict[str, Any]:
+        self.guest.partner_ready()  # nothing moves with the guest
         await self._run(f"migration of {self.name} to {self.trace.target}")
         t = self.trace
         out = t.as_dict()

@@ -5,9 +5,10 @@ network between the hosts, never through Domain R.
   create_incoming  target: QEMU started `-incoming defer -S`, capabilities
                    pause-before-switchover + return-path, `migrate-incoming` on a
                    port of the target's management address
-  iterate          first round: Domain R holds the guest's input and QEMU has read
-                   all of it (the VM is running), then `migrate`; each round then
-                   polls QEMU's progress: ready when the first pass is done
+  iterate          once Domain R's twin is ready (S1): Domain R holds the guest's
+                   input and QEMU has read all of it (the VM is running), then
+                   `migrate`; each round then polls QEMU's progress: ready when the
+                   first pass is done
   stop             wait for `pre-switchover`: the VM is stopped (finish-migrate)
   save_links       (S4) the journal so far: the source VM can write no more
   final_copy       (S5) `migrate-continue`, wait for `completed`
@@ -27,6 +28,7 @@ wait in Domain R (its sessions' state) and reach the VM when it runs on the targ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -37,6 +39,7 @@ from keeper.migrate.peer import DeviceLinks, IncomingGuest, PeerClient
 from keeper.qemu.machine import QemuMachine
 
 POLL = 0.01  # between looks at QEMU's progress
+PARTNER_WAIT = 0.5  # one round's wait for Domain R's twin
 STOP_TIMEOUT = 60.0
 Hold = Callable[[bool], Awaitable[None]]
 Progress = Callable[[dict[str, Any]], None]
@@ -59,6 +62,7 @@ class QemuGuest:
         self.polls = 0
         self.info: dict[str, Any] = {}
         self._lock = asyncio.Lock()
+        self._partner = asyncio.Event()
         # what we changed here, set before each call that may be cancelled midway
         self._held = self._migrating = self._stopped = False
         self._t_migrate = 0.0
@@ -67,7 +71,16 @@ class QemuGuest:
         req = replace(self.req, options={**self.req.options, "accel": self.m.accel})
         self.uri = str((await self.peer.incoming(req))["uri"])
 
+    def partner_ready(self) -> None:
+        self._partner.set()
+
     async def iterate(self) -> bool:
+        if not self._partner.is_set():
+            # QEMU's pre-copy starts once Domain R's twin is ready (S1): input is held
+            # from then on, so the hold lasts QEMU's pre-copy, not the twin's start
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._partner.wait(), PARTNER_WAIT)
+            return False
         if not self._migrating:
             if self.hold is not None:
                 self._held = True

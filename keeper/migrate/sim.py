@@ -113,6 +113,9 @@ class SimGuest:
     async def release(self) -> None:
         await self._release()
 
+    def partner_ready(self) -> None:
+        pass  # pre-copy needs nothing of Domain R
+
     def report(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "bytes_sent": self.bytes_sent,
                 "mem_bytes": self.u.pages * 4096, "guest": {"kind": self.kind}}

@@ -93,7 +93,19 @@ class ChardevConsole:
         self.retry_inputs()
 
     def stop(self) -> None:
-        """Quiesce: no more reading or writing the chardev."""
+        """Quiesce: no more reading or writing the chardev. What the guest wrote until
+        now is taken first: on a migration the VM is stopped by then, and output left
+        in the socket would die with the source QEMU."""
+        if self._serving and self.sock is not None:
+            while True:
+                try:
+                    data = self.sock.recv(RECV)
+                except (BlockingIOError, InterruptedError, OSError):
+                    break
+                if not data:
+                    break
+                self.bytes_out += len(data)
+                self.broadcast(data)  # sessions keep it (checkpointed) past their limit
         self._serving = False
         self._want_read(False)
         self._want_write(False)

@@ -87,6 +87,9 @@ class GuestImage:
 # asks the terminal where the cursor is (TERMINAL_QUERY, which we do not answer)
 PROMPT = b"keeper-guest:/root# "
 TERMINAL_QUERY = b"\x1b[6n"
+# What a typing client of this guest's serial shell needs (keeper.lab.typist.Typist):
+# the prompt, the query to ignore, and lines typed only once the prompt is back.
+TYPIST = {"noise": TERMINAL_QUERY, "line_sync": True}
 
 def default_cache() -> Path:
     return Path(os.environ.get("KEEPER_GUEST_CACHE") or DEFAULT_CACHE)

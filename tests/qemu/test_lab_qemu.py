@@ -20,7 +20,7 @@ from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
 from keeper.qemu import image
-from keeper.qemu.image import PROMPT, TERMINAL_QUERY
+from keeper.qemu.image import PROMPT, TYPIST
 
 pytestmark = [
     pytest.mark.root,
@@ -57,7 +57,7 @@ async def test_openssh_types_through_qemu_migrations(lab: LabSpec, tmp_path: Pat
                                known_hosts=tmp_path / "known_hosts", workdir=tmp_path)
     await link.wait_connected()
     await asyncio.sleep(1.0)
-    typist = Typist(link, PROMPT, period=0.05, noise=TERMINAL_QUERY)  # a key every 50 ms
+    typist = Typist(link, PROMPT, period=0.05, **TYPIST)  # a key every 50 ms
     stop = asyncio.Event()
     task = asyncio.create_task(typist.run(stop))
     await asyncio.sleep(0.5)
@@ -125,7 +125,7 @@ async def test_target_agent_or_qemu_dies_and_the_vm_goes_on_at_the_source(
     doc = await ops.create_guest(lab, GUEST, "a", mem_mb=128, guest="qemu")
     before = (await ops.journal(lab, GUEST))["count"]
     typist = await Typist.over_tcp(lab.client_ns, (doc["ip"], 2323), PROMPT, period=0.03,
-                                   noise=TERMINAL_QUERY)
+                                   **TYPIST)
     stop = asyncio.Event()
     task = asyncio.create_task(typist.run(stop))
     await asyncio.sleep(0.5)
