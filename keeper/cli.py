@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or VNC")
     p.add_argument("--mem-mb", type=int, default=None,
                    help="the guest's memory (MiB; default 256, 128 for --guest qemu)")
-    p.add_argument("--guest", choices=["sim", "qemu"], default="sim",
-                   help="sim: keeper's simulated guest; qemu: a real Linux VM under QEMU "
-                        "(built by ./scripts/setup)")
+    p.add_argument("--guest", choices=["auto", "sim", "qemu"], default="auto",
+                   help="qemu: a real Linux VM under QEMU; sim: keeper's simulated guest; "
+                        "auto (default): qemu where QEMU and the guest image are installed")
     p.add_argument("--dirty-rate", type=float, default=2000.0,
                    help="pages the guest's background workload dirties per second")
     p.add_argument("--lab", default="kdemo")

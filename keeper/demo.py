@@ -153,6 +153,13 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
     }
 
 
+def qemu_available() -> bool:
+    """QEMU and keeper's guest image are installed (./scripts/setup does both)."""
+    from keeper.qemu import image
+
+    return shutil.which("qemu-system-x86_64") is not None and image.load() is not None
+
+
 def ok(summary: dict[str, Any]) -> bool:
     return (summary["lost"] == summary["duplicated"] == summary["reordered"] == 0
             and summary["reconnects"] == 0 and summary["sent"] > 0 and summary["trace_ok"])
@@ -161,6 +168,8 @@ def ok(summary: dict[str, Any]) -> bool:
 async def _demo(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     say(f"lab {args.lab}: switch, hosts a and b with their agents, client (198.18.0.0/24)")
     spec = await ops.up(args.lab)
+    if args.guest == "auto":
+        args.guest = "qemu" if qemu_available() else "sim"
     mem_mb = args.mem_mb or (128 if args.guest == "qemu" else 256)
     if args.guest == "qemu":
         say(f"starting {GUEST} on host a: a real Linux VM under QEMU ({mem_mb} MiB, "
