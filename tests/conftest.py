@@ -15,6 +15,9 @@ from keeper.lab import netns
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return
+    if os.environ.get("KEEPER_REQUIRE_ROOT") == "1":  # CI: root tests must run, not skip
+        raise pytest.UsageError("KEEPER_REQUIRE_ROOT=1 but not root: the namespace, "
+                                "TCP repair and QEMU tests would be skipped")
     skip = pytest.mark.skip(reason="needs root: network namespaces and TCP_REPAIR")
     for item in items:
         if "root" in item.keywords:
