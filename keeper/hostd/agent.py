@@ -35,6 +35,7 @@ from keeper.lab.topology import HostSpec, LabSpec
 from keeper.migrate.peer import PeerClient
 from keeper.net import placement
 from keeper.qemu.devices import DeviceServer
+from keeper.qemu.machine import TcpConsoles
 from keeper.vmm.hypercall import HypercallServer
 from keeper.vmm.hypervisor import Hypervisor
 
@@ -221,7 +222,7 @@ class HostAgent:
                   for g in self.guests.entries.values()] + self.qemu.status()
         return {"host": self.host.name, "mgmt_ip": self.host.mgmt_ip, "netns": self.host.ns,
                 "moves": self.moves, "may_write": self.hv.may_write_enabled,
-                "domrs": doms, "guests": guests}
+                "domrs": doms, "guests": guests, "servers": self.qemu.servers()}
 
     def guest_kind(self, name: str) -> str:
         """'sim' or 'qemu' for a guest on this host (LabError if there is none)."""
@@ -258,7 +259,7 @@ class HostAgent:
 
     async def _create_qemu_guest(self, req: CreateGuest) -> dict[str, object]:
         if req.mode == "baseline":
-            raise BadRequest("the baseline on QEMU guests is not built yet")
+            return await self._create_qemu_baseline(req)
         q = await self.qemu.create(req.name, req.mem_mb)
         try:
             await self.start_domr(req.name, req.ip, req.mac, restore=False,
@@ -269,6 +270,27 @@ class HostAgent:
             raise
         return {"name": req.name, "host": self.host.name, "kind": "qemu", "accel": q.accel,
                 "kernel": q.release, "ip": self.domrs[req.name].ip, "mac": req.mac}
+
+    def baseline_consoles(self) -> TcpConsoles:
+        """The stock set-up's consoles of a QEMU guest on this host: QEMU's own VNC
+        server (display 0, port 5900) and serial chardev (port 2323) on the host's
+        management address, as libvirt and OpenStack configure them."""
+        return TcpConsoles(host=self.host.mgmt_ip, vnc_display=ports.VNC - 5900,
+                           serial_port=ports.CONSOLE)
+
+    async def _create_qemu_baseline(self, req: CreateGuest) -> dict[str, object]:
+        """The conventional baseline on QEMU: no Domain R at all; the servers are
+        QEMU's own, on this host's address (one such guest per host: the ports are
+        the host's)."""
+        taken = next((g.name for g in self.qemu.entries.values() if g.baseline is not None),
+                     None)
+        if taken is not None or any(d.baseline for d in self.domrs.values()):
+            raise LabError(f"host {self.host.name} already serves a baseline guest's "
+                           f"consoles on {self.host.mgmt_ip} ({taken or 'Dom0 servers'})")
+        q = await self.qemu.create(req.name, req.mem_mb, baseline=self.baseline_consoles())
+        return {"name": req.name, "host": self.host.name, "kind": "qemu", "mode": "baseline",
+                "accel": q.accel, "kernel": q.release, "ip": self.host.mgmt_ip,
+                "services": q.services()}
 
     async def destroy_guest(self, name: str) -> None:
         if name in self.domrs:

@@ -1,9 +1,10 @@
 """Migrations from this host: the plans of keeper.migrate, given this agent's pieces.
 
 The plans know neither the agent nor the hypervisor; here they get what they drive:
-MM_U for the guest's hypervisor (the simulated VMM: keeper.migrate.sim), MM_R over
-the guest's Domain R (keeper.migrate.domr), the baseline's Dom0 servers, a typed
-peer client for the target.
+MM_U for the guest's hypervisor (the simulated VMM: keeper.migrate.sim; QEMU:
+keeper.migrate.qemu), MM_R over the guest's Domain R (keeper.migrate.domr), the
+baseline's servers (Dom0's for a simulated guest, QEMU's own consoles for a QEMU
+guest), a typed peer client for the target.
 """
 
 from __future__ import annotations
@@ -47,6 +48,27 @@ class BaselineServers:
         self._stopped = False
 
 
+class QemuConsoles:
+    """The baseline's servers on QEMU: QEMU's own VNC server and serial console on the
+    host's address (implements plans.Servers). They are QEMU's, so they move with
+    nothing: the target QEMU was started with the same consoles on the target's
+    address (listening from its start), and the source's die when the source QEMU
+    exits at COMMIT. So, as under libvirt or OpenStack, a client stays connected to
+    the source through the stop-and-copy (keys it types while the VM is stopped are
+    dropped by QEMU) until the source QEMU is destroyed, then must find the new host.
+    `stop` and `start_on_target` only mark those points; a rollback has nothing to
+    restart (the source's consoles never closed)."""
+
+    async def stop(self) -> None:
+        return None
+
+    async def start_on_target(self) -> None:
+        return None
+
+    async def restart(self) -> None:
+        return None
+
+
 def domr_link(agent: HostAgent, name: str, target: str, *, guest: bool) -> DomrLink:
     entry = agent.domr(name)
     req = PrepareDomr(name=name, ip=entry.ip, mac=entry.mac, announce=entry.announce,
@@ -83,7 +105,12 @@ def qemu_migrator(agent: HostAgent, name: str, target: str,
         if r is not None:
             await r.control.call("POST", "/hold", json={"on": on}, timeout=15)
 
-    return QemuGuest(q.machine, IncomingGuest(name=name, mem_bytes=q.mem_mb << 20, kind="qemu"),
+    options: dict[str, object] = {}
+    if q.baseline is not None:  # the target QEMU gets the same consoles on its address
+        options["baseline"] = {"vnc_display": q.baseline.vnc_display,
+                               "serial_port": q.baseline.serial_port}
+    return QemuGuest(q.machine, IncomingGuest(name=name, mem_bytes=q.mem_mb << 20, kind="qemu",
+                                              options=options),
                      agent.peer(target), history=q.journal_bytes,
                      release=lambda: agent.qemu.destroy(name),
                      hold=hold if r is not None and not r.baseline else None,
@@ -133,19 +160,25 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
     """Domain U and its Domain R to another host: co-migration, or the baseline's solo
     migration when the guest's servers run in Dom0."""
     _check_target(agent, name, target)
-    r = agent.domr(name)
     g: GuestEntry | QemuGuestEntry = (agent.qemu.get(name) if agent.guest_kind(name) == "qemu"
                                       else agent.guests.get(name))
+    qb = g if isinstance(g, QemuGuestEntry) and g.baseline is not None else None
+    r = None if qb is not None else agent.domr(name)  # the QEMU baseline has no Domain R
     guest = guest_migrator(agent, name, target, progress)
     plan: SoloMigration | CoMigration
-    if r.baseline:
+    if r is None:
+        plan = SoloMigration(name, agent.host.name, target, guest, QemuConsoles(),
+                             progress=progress)
+    elif r.baseline:
         plan = SoloMigration(name, agent.host.name, target, guest,
                              BaselineServers(agent, name, target), progress=progress)
     else:
         plan = CoMigration(name, agent.host.name, target, agent.peer(target), guest,
                            domr_link(agent, name, target, guest=True), progress=progress)
     drill = _cancel_drill(agent, plan)
-    g.state = r.state = "moving"
+    g.state = "moving"
+    if r is not None:
+        r.state = "moving"
     try:
         summary = await plan.run()
     except asyncio.CancelledError:
@@ -163,6 +196,15 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
                      agent.domrs.get(name)):
             if item is not None:
                 item.state = "running"
+    if qb is not None:
+        # QEMU's consoles never stopped: a client's outage is at least from the VM's
+        # stop (keys dropped from then) to the source QEMU's exit (its consoles close,
+        # the client may reconnect to the target), more its own reconnect
+        t = plan.trace
+        summary["downtime_ms"] = {"U": summary["downtime_ms"]["U"],
+                                  "consoles": round(t.span("U stopped", "source released"), 3)}
+        summary["consoles"] = {"source": agent.host.mgmt_ip,
+                               "target": agent.spec.host(target).mgmt_ip, **qb.services()}
     agent.moves += 1
     metrics.observe_migration(summary)
     return summary

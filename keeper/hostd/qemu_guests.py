@@ -4,7 +4,8 @@ Each guest is a `QemuMachine` (keeper.qemu.machine) with its QMP, serial console
 VNC server on Unix sockets in `<rundir>/qemu-<guest>-<host>/` (0600; QMP stays the
 agent's), and its input journal on its second serial port, a file there. QEMU dies
 with the agent (PR_SET_PDEATHSIG), so a crashed agent leaves no VM running behind a
-Domain R that nobody drives.
+Domain R that nobody drives. A baseline guest (`baseline`, the stock set-up) has no
+Domain R: its serial console and VNC server listen on the host's address (TCP).
 
 The journal of a guest that migrated is the union, in migration order, of every
 QEMU process's file: the source hands what it has (`history`) to the target when
@@ -70,6 +71,11 @@ class QemuGuestEntry:
                 raise KeeperError(f"guest {self.name}: nobody on its serial console after "
                                   f"{timeout:.0f} s (Domain R's link)")
             await asyncio.sleep(0.005)
+
+    def services(self) -> dict[str, int]:
+        """The baseline's consoles: QEMU's own servers, on the host's address."""
+        b = self.baseline
+        return {} if b is None else {"console": b.serial_port, "vnc": b.vnc_port}
 
     def devices(self) -> dict[str, Path]:
         p = self.machine.paths
@@ -182,8 +188,19 @@ class QemuGuests:
 
     def status(self) -> list[dict[str, object]]:
         return [{"name": g.name, "kind": "qemu", "state": g.state, "accel": g.accel,
-                 "kernel": g.release, "mem_bytes": g.mem_mb << 20, "pid": g.machine.pid}
+                 "kernel": g.release, "mem_bytes": g.mem_mb << 20, "pid": g.machine.pid,
+                 "mode": "keeper" if g.baseline is None else "baseline"}
                 for g in self.entries.values()]
+
+    def servers(self) -> list[dict[str, object]]:
+        """The baseline guests' servers here: QEMU's own VNC server and serial console
+        on this host's address (there is no Domain R; `keeper lab status` lists them as
+        the guest's domain). Each QEMU process has its own: a target's listen from its
+        start, a source's until it exits."""
+        return [{"name": g.name, "ip": g.baseline.host, "mac": None, "state": g.state,
+                 "baseline": True, "kind": "qemu", "services": g.services(),
+                 "pid": g.machine.pid}
+                for g in self.entries.values() if g.baseline is not None]
 
     async def close(self) -> None:
         await asyncio.gather(*(self.destroy(n) for n in list(self.entries)))

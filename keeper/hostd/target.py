@@ -14,6 +14,7 @@ from keeper.hostd import metrics
 from keeper.migrate import pagestream
 from keeper.migrate.peer import DeviceLinks, IncomingGuest, PrepareDomr, SoloLinks
 from keeper.net import placement
+from keeper.qemu.machine import TcpConsoles
 
 if TYPE_CHECKING:
     from keeper.hostd.agent import HostAgent
@@ -47,7 +48,8 @@ class AgentTarget:
         if req.kind == "qemu":
             accel = req.options.get("accel")
             q = await a.qemu.incoming(req.name, req.mem_bytes >> 20,
-                                      accel=accel if isinstance(accel, str) else None)
+                                      accel=accel if isinstance(accel, str) else None,
+                                      baseline=self._baseline_consoles(req))
             return {"uri": q.migrate_uri}
         if req.kind != "sim":
             raise BadRequest(f"no guest kind {req.kind!r} (sim, qemu)")
@@ -64,6 +66,21 @@ class AgentTarget:
             raise
         entry.state = "incoming"
         return {"domid": entry.u.domid}
+
+    def _baseline_consoles(self, req: IncomingGuest) -> TcpConsoles | None:
+        """The baseline's QEMU consoles, on this host's address: options.baseline is
+        {"vnc_display": int, "serial_port": int} (or absent: Domain R's Unix sockets)."""
+        b = req.options.get("baseline")
+        if b is None:
+            return None
+        if not isinstance(b, dict):
+            raise BadRequest("options.baseline must be an object")
+        display, port = b.get("vnc_display"), b.get("serial_port")
+        if not isinstance(display, int) or isinstance(display, bool) or not 0 <= display < 100:
+            raise BadRequest("options.baseline.vnc_display must be an integer 0..99")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise BadRequest("options.baseline.serial_port must be a TCP port")
+        return TcpConsoles(host=self.agent.host.mgmt_ip, vnc_display=display, serial_port=port)
 
     async def apply_pages(self, name: str,
                           read: Callable[[int], Awaitable[bytes]]) -> dict[str, Any]:
@@ -145,7 +162,9 @@ class AgentTarget:
             if await q.machine.status() != "inmigrate":
                 break
             await asyncio.sleep(0.01)
-        await q.wait_console_client()  # Domain R's link is there before the VM runs
+        if q.baseline is None:  # Domain R's link is there before the VM runs
+            await q.wait_console_client()
+        # (the baseline's clients find this host only after the source QEMU is gone)
         await q.machine.cont()
         q.state = "running"
         return {"resumed": name, "status": await q.machine.status()}

@@ -81,7 +81,9 @@ async def status(spec: LabSpec) -> dict[str, Any]:
         "lab": spec.name, "client_netns": spec.client_ns, "client_ip": spec.client_ip,
         "ssh": {"login": LOGIN, "key": str(key) if key else None},
         "switch_netns": spec.switch_ns, "hosts": hosts,
-        "domains": [_domain(h, d) for h in hosts for d in h["domrs"]],
+        # Domain Rs, and the baseline's QEMU servers (no Domain R: on the host's address)
+        "domains": [_domain(h, d) for h in hosts
+                    for d in [*h["domrs"], *h.get("servers", [])]],
     }
 
 
@@ -90,6 +92,7 @@ def _domain(host: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
     doc = {"name": d["name"], "host": host["host"], "ip": d["ip"], "mac": d["mac"],
            "state": d["state"], "services": d.get("services", {}), "guest": g is not None,
            "mem_bytes": g["mem_bytes"] if g else None}
+    doc["mode"] = "baseline" if d.get("baseline") else "keeper"
     if g is not None:
         doc["kind"] = g.get("kind", "sim")
         if doc["kind"] == "qemu":

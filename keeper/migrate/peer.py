@@ -45,7 +45,8 @@ class IncomingGuest:
     kind: str = "sim"  # sim | qemu
     event_delay_ms: float = 0.0
     dirty_rate: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)  # per kind (QEMU: accel, image)
+    options: dict[str, Any] = field(default_factory=dict)  # per kind (QEMU: accel,
+    # image; baseline: {"vnc_display", "serial_port"}, its consoles on the target's address)
 
 
 @dataclass(frozen=True, slots=True)
