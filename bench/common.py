@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,6 +15,7 @@ from typing import Any
 
 from keeper.lab import ops, topology
 from keeper.lab.topology import LabSpec
+from keeper.lab.typist import Link
 
 OUT = Path(__file__).parent / "out"
 
@@ -33,6 +35,24 @@ async def lab(prefix: str) -> AsyncIterator[LabSpec]:
         yield await ops.up(name)
     finally:
         topology.down(name)
+
+
+async def quiet(link: Link, for_s: float = 0.7, limit_s: float = 10.0) -> bytes:
+    """Read a console until it has said nothing for `for_s` s (at most `limit_s`);
+    returns what it said. A reconnecting client of a QEMU guest's console first gets
+    what the guest still echoes of the previous connection's keys."""
+    said = b""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while loop.time() < deadline:
+        try:
+            data = await asyncio.wait_for(link.recv(), for_s)
+        except TimeoutError:
+            break
+        if not data:
+            raise ConnectionError("the console closed the connection")
+        said += data
+    return said
 
 
 def machine() -> dict[str, Any]:
