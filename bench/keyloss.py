@@ -58,6 +58,7 @@ from keeper.vnc.keysyms import keysym_to_keys
 
 GUEST = "guest1"
 XK_SHIFT_L = 0xFFE1
+QUIET_S = 0.4  # a QEMU guest's console says nothing for this long: it has caught up
 
 
 class ViewerVncTypist(VncTypist):
@@ -97,28 +98,38 @@ async def guest_ip(spec: LabSpec) -> str | None:
 
 
 async def session(spec: LabSpec, ip: str, rms: str, period: float, work: Path, *,
-                  guest: str = "sim", config: str = "keeper") -> Typist | VncTypist:
+                  guest: str = "sim", config: str = "keeper",
+                  connection: int = 0) -> Typist | VncTypist:
     qemu = guest == "qemu"
     prompt = QEMU_PROMPT if qemu else f"{GUEST}:~$ ".encode()
     extra: dict[str, Any] = dict(QEMU_TYPIST) if qemu else {}
     qemu_baseline = qemu and config == "baseline"
     if rms == "vnc":
-        cls = ViewerVncTypist if qemu_baseline else VncTypist
-        return await cls.connect(spec.client_ns, (ip, ports.VNC), period=period)
+        if not qemu_baseline:
+            return await VncTypist.connect(spec.client_ns, (ip, ports.VNC), period=period)
+        v = await ViewerVncTypist.connect(spec.client_ns, (ip, ports.VNC), period=period)
+        for key in b"# c%03d\r" % connection:  # the connection's mark (see below)
+            await v._key(key)  # paced: QEMU's PS/2 queue holds 16 bytes
+            await asyncio.sleep(period)
+        v._waiting.clear()  # no echo timing for the mark
+        return v
     if rms == "console" or qemu_baseline:  # QEMU's stock set-up has no SSH server
         t = await Typist.over_tcp(spec.client_ns, (ip, ports.CONSOLE), prompt, period,
                                   **extra)
         if qemu:
             # a TCG guest may still echo what the last client typed: that goes to
             # whoever is connected now; start once the console is quiet
-            await quiet(t.link)
+            await quiet(t.link, QUIET_S)
         if qemu_baseline:
             # as a person does on a serial console they just reached: Enter, for a
-            # fresh prompt (the cut-off client left a line half typed). It is a key
-            # typed like the others, so it is counted as sent
-            await t.link.send(b"\r")
-            t.stats.sent.append(0x0D)
-            await quiet(t.link)
+            # fresh prompt (the cut-off client left a line half typed), here after a
+            # comment naming the connection, so that the journal's sessions line up
+            # with what each connection typed (every one starts at line 0). Keys
+            # typed like the others: counted as sent
+            mark = b"# c%03d\r" % connection
+            await t.link.send(mark)
+            t.stats.sent += mark
+            await quiet(t.link, QUIET_S)
         return t
     link = await SshLink.start(spec.client_ns, ip, key=spec.ssh_dir / "id_ed25519",
                                known_hosts=work / f"known_hosts-{ip}", workdir=work)
@@ -139,12 +150,13 @@ async def typing(spec: LabSpec, stop: asyncio.Event, period: float, rms: str,
             continue
         try:
             t = await session(spec, ip, rms, period, work, guest=guest,
-                              config=rec["config"])
+                              config=rec["config"], connection=rec["connections"])
         except (OSError, ConnectionError, TimeoutError):
             rec["connect_failures"] += 1
             await asyncio.sleep(0.1)
             continue
         rec["connections"] += 1
+        rec.setdefault("connected_at", []).append(time.monotonic())
         st = await t.run(stop, settle=5.0)
         if isinstance(t, Typist):
             st.retransmits = t.retransmits()
@@ -155,6 +167,7 @@ async def typing(spec: LabSpec, stop: asyncio.Event, period: float, rms: str,
         rec["sessions"].append({"ip": ip, "sent": len(st.sent), "errors": st.errors[:3]})
         rec["retransmits_client"] += st.retransmits
         rec["latencies_ms"] += st.echo_latencies_ms
+        rec.setdefault("samples", []).extend(st.samples)  # (sent at, ms): bench/downtime.py
         if st.errors and not stop.is_set():
             rec["reconnects"] += 1
             rec["errors"] += st.errors
@@ -195,7 +208,10 @@ async def run_config(name: str, migrations: int, mem_mb: int, interval: float,
         journal = await settled_journal(spec, len(rec["sent"]), before)
         rec["retransmits_server"] = await ops.server_retransmits(spec)
     sent = bytes(rec.pop("sent"))
+    # missing: sent minus received, whatever the alignment (`lost` and `duplicated` are
+    # difflib's: a client that restarts its script on every connection repeats lines)
     rec.update(compare(sent, journal), keys_sent=len(sent), keys_received=len(journal),
+               missing=len(sent) - len(journal),
                sent_text=sent.decode("latin-1"), journal_text=journal.decode("latin-1"))
     lat = rec["latencies_ms"]
     rec["pause_ms_max"] = round(max(lat, default=0.0), 3)
@@ -229,7 +245,8 @@ def brief(r: dict[str, Any]) -> dict[str, Any]:
         return round(statistics.median(vals), 3) if vals else None
 
     out = {k: r[k] for k in ("config", "rms", "guest", "client", "keys_sent", "keys_received",
-                             "lost", "duplicated", "reordered", "reconnects", "connections",
+                             "missing", "lost", "duplicated", "reordered", "reconnects",
+                             "connections",
                              "connect_failures", "retransmits_per_migration", "pause_ms_max",
                              "pause_ms_median", "migration_count")}
     out["downtime_u_ms_median"] = round(statistics.median(
