@@ -89,7 +89,7 @@ async def sshd_rate(chars: int) -> dict[str, Any]:
     address, from the client namespace): a real peer, for scale."""
     import asyncssh
 
-    from keeper.lab import netns
+    from keeper.net import netns
 
     async with lab("td") as spec:
         host = spec.hosts[0]

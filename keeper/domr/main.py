@@ -20,7 +20,7 @@ import argparse
 import logging
 
 from keeper.arp.garp import DEFAULT_SCHEDULE
-from keeper.lab import netns
+from keeper.net import netns
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from keeper.lab import netns, topology
+from keeper.lab import topology
+from keeper.net import netns
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -18,7 +18,7 @@ import struct
 import termios
 from pathlib import Path
 
-from keeper.lab import netns
+from keeper.net import netns
 from keeper.net.tcpinfo import tcp_info
 
 DETACH = b"\x1d"  # Ctrl-]: our console's "end this session" key (exit status 0)

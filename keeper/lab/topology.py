@@ -20,8 +20,7 @@ from pathlib import Path
 
 from keeper.errors import LabError
 from keeper.hostd import procs
-from keeper.lab import netns
-from keeper.net import placement
+from keeper.net import netns, placement
 
 RUN_ROOT = Path("/run/keeper")
 NET = "198.18.0"  # 198.18.0.0/15 is the benchmarking range; a lab uses one /24 of it

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from keeper.aio import cancel_and_wait
-from keeper.lab import netns
+from keeper.net import netns
 from keeper.net.tcpinfo import tcp_info
 
 LETTERS = b"abcdefghijklmnopqrstuvwxyz"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from keeper.errors import LabError
-from keeper.lab import netns
+from keeper.net import netns
 
 DOM_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 

@@ -52,7 +52,7 @@ from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 from qemu.qmp import ExecuteError as QMPExecuteError
 
 from keeper.errors import KeeperError, MigrationError
-from keeper.lab import netns as _netns
+from keeper.net import netns as _netns
 from keeper.qemu import journal
 from keeper.qemu.image import GuestImage
 

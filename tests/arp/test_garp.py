@@ -7,9 +7,8 @@ import asyncio
 import pytest
 
 from keeper.arp import Announcer
-from keeper.lab import netns
 from keeper.lab.topology import LabSpec
-from keeper.net import placement
+from keeper.net import netns, placement
 
 DOM, IP, MAC = "r1", "198.18.0.101", "02:6b:70:00:00:01"
 

@@ -13,9 +13,10 @@ import pytest
 
 from keeper.errors import KeeperError
 from keeper.hostd import procs
-from keeper.lab import netns, ops
+from keeper.lab import ops
 from keeper.lab.client import EchoClient, pattern
 from keeper.lab.topology import LabSpec
+from keeper.net import netns
 
 pytestmark = pytest.mark.root
 

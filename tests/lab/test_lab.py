@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keeper.lab import netns
+from keeper.net import netns
 from tests.conftest import lab_processes, unique
 
 pytestmark = pytest.mark.root

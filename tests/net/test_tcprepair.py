@@ -14,8 +14,7 @@ import pytest
 
 from keeper import serial
 from keeper.errors import NotMovable
-from keeper.lab import netns
-from keeper.net import tcprepair
+from keeper.net import netns, tcprepair
 from keeper.net.tcpinfo import tcp_info
 from tests.conftest import unique
 

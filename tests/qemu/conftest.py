@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from keeper.lab import netns
+from keeper.net import netns
 from keeper.qemu import image
 from keeper.qemu.image import GuestImage
 from keeper.qemu.machine import QEMU, QemuMachine

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 from keeper.errors import KeeperError
-from keeper.lab import netns, ops
+from keeper.lab import ops
 from keeper.lab.sshclient import SshLink
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
+from keeper.net import netns
 from keeper.qemu import image
 from keeper.qemu.image import PROMPT, TYPIST
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keeper.lab import netns, ops
+from keeper.lab import ops
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import compare
+from keeper.net import netns
 
 pytestmark = pytest.mark.root
 pytest.importorskip("vncdotool")
