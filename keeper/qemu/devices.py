@@ -19,11 +19,9 @@ for a guest, and on a migration target at S1 (`associate`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,10 @@ from typing import Any
 import msgpack
 
 from keeper.errors import KeeperError
+from keeper.net.seqpacket import SeqpacketServer
 
 log = logging.getLogger("keeper.qemu.devices")
-MAX_MSG = 4096
+MAX_MSG = 4096  # our requests are small
 DEVICES = ("serial", "vnc")
 Resolve = Callable[[str], dict[str, Path]]  # guest name -> {device: socket path}
 
@@ -47,65 +46,15 @@ class DeviceServer:
 
     def __init__(self, path: Path, resolve: Resolve, *, guest: str | None = None) -> None:
         self.path, self.resolve, self.guest = path, resolve, guest
-        path.unlink(missing_ok=True)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o077)
-        try:
-            self._sock.bind(str(path))
-        finally:
-            os.umask(old)
-        self._sock.listen(4)
-        self._conns: set[socket.socket] = set()
-        self._closed = False
-        threading.Thread(target=self._accept, name=f"devices-{path.name}", daemon=True).start()
+        self._server = SeqpacketServer(path, self._dispatch, name=f"devices-{path.name}")
 
     def associate(self, guest: str) -> None:
         self.guest = guest
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            while True:
-                try:
-                    data = conn.recv(MAX_MSG)
-                except OSError:
-                    return
-                if not data:
-                    return
-                fds: list[int] = []
-                try:
-                    req = msgpack.unpackb(data, raw=False)
-                    if not isinstance(req, dict):
-                        raise DeviceRefused("a request is a map")
-                    result, fds = self._dispatch(req)
-                    reply: dict[str, Any] = {"ok": result}
-                except (KeeperError, OSError, ValueError, TypeError) as exc:
-                    reply = {"error": str(exc) or type(exc).__name__}
-                    if not isinstance(exc, DeviceRefused):
-                        log.warning("device request failed: %s", exc)
-                try:
-                    socket.send_fds(conn, [msgpack.packb(reply)], fds)
-                except OSError:
-                    return
-                finally:
-                    for fd in fds:  # Domain R has its own copy now
-                        os.close(fd)
-        finally:
-            self._conns.discard(conn)
-            conn.close()
-
-    def _dispatch(self, req: dict[str, Any]) -> tuple[Any, list[int]]:
+    def _dispatch(self, req: dict[str, Any]) -> tuple[Any, list[int], bool]:
         op = req.get("op")
         if op == "whoami":
-            return {"guest": self.guest}, []
+            return {"guest": self.guest}, [], False
         if op != "open":
             raise DeviceRefused(f"unknown request {op!r}")
         guest, device = req.get("guest"), req.get("device")
@@ -121,22 +70,13 @@ class DeviceServer:
         try:
             s.settimeout(5)
             s.connect(str(path))
-            return {"device": device}, [os.dup(s.fileno())]
+            return {"device": device}, [os.dup(s.fileno())], True  # Domain R gets its own
         finally:
             s.close()
 
     def close(self) -> None:
         """Idempotent: stop accepting, drop connections, remove the socket file."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        self.path.unlink(missing_ok=True)
+        self._server.close()
 
 
 class DeviceClient:

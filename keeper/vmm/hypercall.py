@@ -4,8 +4,8 @@ One Unix SEQPACKET socket per domain, at a path only root can reach; which socke
 request came through tells us which domain is asking (as the hypervisor knows the
 calling domain). A message is msgpack {"op": name, ...args}; the answer is
 {"ok": result} or {"error": text}, with any file descriptors (memory to map,
-eventfds) attached by SCM_RIGHTS. Calls are rare (setup, restore), so each
-connection gets a thread with blocking I/O and the hypervisor's lock does the rest.
+eventfds) attached by SCM_RIGHTS (keeper.net.seqpacket); the hypervisor's lock does
+the rest.
 
 Operations: whoami; map(domid, pfn, writable) -> fd; unmap(pfn);
 alloc_unbound(remote) -> port; bind_interdomain(remote_domid, remote_port) -> port;
@@ -15,7 +15,6 @@ xs_ls(path).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import os
@@ -27,66 +26,16 @@ from typing import Any
 import msgpack
 
 from keeper.errors import KeeperError
+from keeper.net.seqpacket import MAX_MSG, SeqpacketServer
 from keeper.vmm.hypervisor import PAGE, Hypervisor
 
 log = logging.getLogger("keeper.hypercall")
-MAX_MSG = 1 << 16
 
 
 class HypercallServer:
     def __init__(self, hv: Hypervisor, domid: int, path: Path) -> None:
         self.hv, self.domid, self.path = hv, domid, path
-        path.unlink(missing_ok=True)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o077)
-        try:
-            self._sock.bind(str(path))
-        finally:
-            os.umask(old)
-        self._sock.listen(8)
-        self._conns: set[socket.socket] = set()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept, name=f"hc-{domid}", daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                             name=f"hc-{self.domid}-conn").start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            while True:
-                try:
-                    data = conn.recv(MAX_MSG)
-                except OSError:
-                    return
-                if not data:
-                    return
-                fds: list[int] = []
-                fresh = False
-                try:
-                    req = msgpack.unpackb(data, raw=False)
-                    result, fds, fresh = self._dispatch(req)
-                    reply = {"ok": result}
-                except (KeeperError, KeyError, TypeError, ValueError) as exc:
-                    reply = {"error": str(exc) or type(exc).__name__}
-                try:
-                    socket.send_fds(conn, [msgpack.packb(reply)], fds)
-                except OSError:
-                    return
-                finally:
-                    if fresh:  # map() opened an fd just for this answer
-                        for fd in fds:
-                            os.close(fd)
-        finally:
-            self._conns.discard(conn)
-            conn.close()
+        self._server = SeqpacketServer(path, self._dispatch, name=f"hc-{domid}")
 
     def _dispatch(self, req: dict[str, Any]) -> tuple[Any, list[int], bool]:
         """(result, fds to pass, whether those fds were opened for this call)."""
@@ -121,16 +70,7 @@ class HypercallServer:
 
     def close(self) -> None:
         """Idempotent: stop accepting, drop connections, remove the socket file."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        self.path.unlink(missing_ok=True)
+        self._server.close()
 
 
 class HypercallClient:
