@@ -102,7 +102,7 @@ async def test_large_transfer_moved_mid_stream_arrives_intact(lab: LabSpec) -> N
     addr = await make_domr(lab)
     client = EchoClient(lab.client_ns, addr, 7)
     await client.connect()
-    total = 8 << 20
+    total = 20 << 20
     sent_digest = hashlib.sha256(pattern(7, 0, total)).hexdigest()
     received = bytearray()
     original_reader = client._reader
@@ -125,8 +125,9 @@ async def test_large_transfer_moved_mid_stream_arrives_intact(lab: LabSpec) -> N
             loop.sock_recv = real_recv  # type: ignore[method-assign]
 
     client._reader = tee_reader  # type: ignore[method-assign]
-    # 64 KiB every 20 ms: about 2.6 s, so the move lands in the middle
-    transfer = asyncio.create_task(client.transfer(total, pace=0.02, timeout=30))
+    # 64 KiB every 20 ms for about 6.5 s, so the move (its twin takes a second or
+    # more to start on a loaded machine) lands in the middle, with bytes in flight
+    transfer = asyncio.create_task(client.transfer(total, pace=0.02, timeout=60))
     while client.stats.received < total // 4:
         await asyncio.sleep(0.01)
     trace = await ops.migrate(lab, DOM, "b")
