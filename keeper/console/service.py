@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 from keeper import ports
 from keeper.console.raw import OUTPUT_HIGH_WATER, RawSession
-from keeper.errors import KeeperError, NotMovable
+from keeper.errors import NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
+from keeper.net.sessions import MovableSessions
 from keeper.net.tcpinfo import tcp_info
 from keeper.net.tcprepair import TcpRepairRecord
 
@@ -132,7 +133,7 @@ class Conn(SocketPump):
         self._on_close(self, why)
 
 
-class RawConsole:
+class RawConsole(MovableSessions):
     """The raw console sessions of one Domain R and their listener (TCP 2323)."""
 
     name = "console"
@@ -155,8 +156,6 @@ class RawConsole:
 
     # -- serving ------------------------------------------------------------------------
 
-    def bind(self) -> None:
-        self.acceptor.bind()
 
     def start(self) -> None:
         self.acceptor.start(self.loop)
@@ -221,20 +220,7 @@ class RawConsole:
             sessions.append(RawCheckpoint(conn.state, rec))
         return RawConsoleCheckpoint(next_session_id=self.next_id, sessions=sessions)
 
-    def resume_in_place(self) -> None:
-        if self._in_repair:
-            for conn in list(self.conns.values()):
-                with contextlib.suppress(KeeperError):
-                    tcprepair.leave_repair(conn.sock, window_probe=True)
-            self._in_repair = False
-        for conn in list(self.conns.values()):
-            conn.start()
 
-    def release(self) -> None:
-        for conn in list(self.conns.values()):
-            tcprepair.release(conn.sock)  # repair mode: no FIN, no RST
-        self.conns.clear()
-        self.acceptor.close()
 
     def restore(self, ckpt: RawConsoleCheckpoint) -> None:
         restored: list[Conn] = []

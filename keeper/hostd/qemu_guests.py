@@ -25,7 +25,7 @@ from keeper.errors import KeeperError, LabError
 from keeper.hostd import procs
 from keeper.qemu import image as guest_image
 from keeper.qemu import journal
-from keeper.qemu.machine import QemuMachine, TcpConsoles
+from keeper.qemu.machine import QemuError, QemuMachine, TcpConsoles
 
 log = logging.getLogger("keeper.hostd.qemu")
 BOOT_TIMEOUT = 90.0  # TCG on a loaded 2-core machine: a few seconds usually
@@ -49,12 +49,10 @@ class QemuGuestEntry:
         return self.machine.accel
 
     def journal_bytes(self) -> bytes:
-        own = b""
-        if self.machine._paths is not None:  # started
-            try:
-                own = self.machine.paths.journal.read_bytes()
-            except FileNotFoundError:
-                own = b""
+        try:
+            own = self.machine.paths.journal.read_bytes()
+        except (QemuError, FileNotFoundError):  # not started yet, or nothing written
+            own = b""
         return self.history + own
 
     async def wait_console_client(self, timeout: float = 5.0) -> None:

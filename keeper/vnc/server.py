@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keeper import ports
-from keeper.errors import KeeperError
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
+from keeper.net.sessions import MovableSessions
 from keeper.net.tcprepair import TcpRepairRecord
 from keeper.vnc import rfb
 from keeper.vnc.keysyms import KEY_LEFTSHIFT, keysym_to_keys
@@ -192,7 +192,7 @@ def _merge(rects: list[list[int]]) -> list[tuple[int, int, int, int]]:
     return [(x0, y0, x1 - x0, y1 - y0)]
 
 
-class VncHost:
+class VncHost(MovableSessions):
     """The VNC sessions of one Domain R and their listener. `name` is the service's;
     the desktop name viewers see is `desktop`."""
 
@@ -212,8 +212,6 @@ class VncHost:
         self._in_repair = False  # our sessions' sockets are dumped, not yet live again
         display.on_room = self.on_room
 
-    def bind(self) -> None:
-        self.acceptor.bind()
 
     def start(self) -> None:
         self.acceptor.start(self.loop)
@@ -284,20 +282,7 @@ class VncHost:
             out.append(VncCheckpoint(session=conn.state, tcp=tcprepair.dump(conn.sock)))
         return VncHostCheckpoint(sessions=out, orphaned=list(self.orphaned))
 
-    def resume_in_place(self) -> None:
-        if self._in_repair:
-            for conn in list(self.conns.values()):
-                with contextlib.suppress(KeeperError):
-                    tcprepair.leave_repair(conn.sock, window_probe=True)
-            self._in_repair = False
-        for conn in list(self.conns.values()):
-            conn.start()
 
-    def release(self) -> None:
-        for conn in list(self.conns.values()):
-            tcprepair.release(conn.sock)
-        self.conns.clear()
-        self.acceptor.close()
 
     def restore(self, ckpt: VncHostCheckpoint) -> None:
         """Re-create the sockets (repair mode, link down); serve them at `resume`."""
