@@ -6,3 +6,8 @@ VNC = 5900
 
 GUEST_SERVICES = {"console": CONSOLE, "ssh": SSH, "vnc": VNC}
 ECHO_SERVICES = {"console": CONSOLE}  # a stand-alone Domain R: the echo service
+
+# the web console (noVNC and RFB over WebSocket) on Domain R's address
+WEB = 6080
+# a host agent's Prometheus /metrics over HTTP, on its management address
+METRICS = 9464
