@@ -95,7 +95,7 @@ class VncConn(SocketPump):
             events = self.core.receive_data(data)
         except rfb.RfbError as exc:
             self._handle(exc.events)  # what came before the bad message still counts
-            self.state.out += self.core.data_to_send()  # the failure reason, if any
+            self.state.out += self.wire(self.core.data_to_send())  # the failure reason
             self.flush()
             self.close(f"protocol error ({exc.fault}): {exc}")
             return
@@ -155,10 +155,15 @@ class VncConn(SocketPump):
         self.core.send_update(self.host.display, rects)  # type: ignore[arg-type]
         self.host.frames += 1
 
+    def wire(self, data: bytes) -> bytes:
+        """RFB bytes as they go on this connection's wire: as they are on plain TCP (the
+        web console's sessions, keeper.web.service, put them in WebSocket frames)."""
+        return data
+
     def flush(self) -> None:
         if self.sock.fileno() < 0:
             return
-        self.state.out += self.core.data_to_send()
+        self.state.out += self.wire(self.core.data_to_send())
         while self.state.out:
             try:
                 n = self.sock.send(memoryview(self.state.out)[: 1 << 20])
