@@ -25,6 +25,7 @@ import asyncssh
 
 from keeper import serial
 from keeper.console.raw import RawSession
+from keeper.ssh import policy
 from keeper.ssh.movable import MovableSession
 
 LOGIN = "admin"
@@ -64,6 +65,7 @@ class ConsoleSession(MovableSession):
         self.state = state
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
         self.server: ConsoleServer | None = None  # which connection it belongs to
+        self._backed_up_since: float | None = None  # this process's clock, not state
 
     # -- moving (keeper.ssh.movable) -------------------------------------------------
 
@@ -133,6 +135,8 @@ class ConsoleSession(MovableSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.console.detach(self)
+        if self.server is not None:
+            self.server.sessions.discard(self)
 
     # -- from Domain R ------------------------------------------------------------------
 
@@ -149,7 +153,17 @@ class ConsoleSession(MovableSession):
         """More than a little output waits for the client's window: hold the console."""
         return self.chan is not None and self.chan.get_write_buffer_size() > OUTPUT_BACKLOG
 
+    def backed_up_since(self, now: float) -> float | None:
+        """Since when this session has held the console back without a break (None:
+        it does not now)."""
+        if not self.backed_up():
+            self._backed_up_since = None
+        elif self._backed_up_since is None:
+            self._backed_up_since = now
+        return self._backed_up_since
+
     def resume_writing(self) -> None:  # asyncssh: the channel's buffer drained
+        self._backed_up_since = None
         self.console.drained()
 
 
@@ -185,6 +199,10 @@ class ConsoleServer(asyncssh.SSHServer):
             password == self.password)
 
     def session_requested(self) -> ConsoleSession:
+        if len(self.sessions) >= policy.MAX_SESSIONS:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                f"at most {policy.MAX_SESSIONS} sessions per connection")
         session = self.make_session()
         session.server = self
         self.sessions.add(session)

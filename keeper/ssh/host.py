@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.tcprepair import Restored, TcpRepairRecord
-from keeper.ssh import movable
+from keeper.ssh import movable, policy
 from keeper.ssh.console import LOGIN, ConsoleServer, ConsoleSession, ConsoleSessionState
 from keeper.ssh.movable import SshSessionState
 
@@ -84,13 +85,20 @@ class SshHost:
         self._left: set[ConsoleServer] = set()  # not movable at quiesce: not dumped
         self._dumped: list[tuple[asyncssh.SSHServerConnection, socket.socket]] = []
         self._incoming: list[tuple[SshSessionState, Restored]] = []
+        # connections not yet authenticated, by client address (keeper.ssh.policy)
+        self._startups: dict[str, int] = {}
+        self.refused_startups = 0
+        self.stalled = 0  # clients disconnected for leaving their output unread
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._serving = False
         # only what a move can carry (keeper.ssh.movable): ciphers whose state is keys
-        # and counters, no compression, no time-based rekeying, no line editor
+        # and counters, no compression, no time-based rekeying, no line editor; and of
+        # those only what keeper.ssh.policy allows (modern algorithms, no SHA-1)
         self._kw = movable.server_options(
-            server_host_keys=[asyncssh.import_private_key(cfg.host_key)],
+            server_host_keys=policy.host_keys([cfg.host_key]),
             authorized_client_keys=asyncssh.import_authorized_keys(cfg.authorized_keys),
             encoding=None, allow_pty=True, x11_forwarding=False, agent_forwarding=False,
-            keepalive_interval=30)
+            keepalive_interval=30, **policy.options())
         self._options = asyncssh.SSHServerConnectionOptions(
             server_factory=self._server, **self._kw)
 
@@ -122,20 +130,44 @@ class SshHost:
 
     def start(self) -> None:
         self.acceptor.start(asyncio.get_running_loop())
+        self._serving = True
+        self._watch_stalls()
 
     def _on_accept(self, sock: socket.socket) -> None:
-        task = asyncio.create_task(self._serve(sock))
+        try:
+            source = sock.getpeername()[0]
+        except OSError:
+            sock.close()
+            return
+        if (sum(self._startups.values()) >= policy.MAX_STARTUPS
+                or self._startups.get(source, 0) >= policy.PER_SOURCE_STARTUPS):
+            # as OpenSSH does: said in clear, before any key exchange costs us a thing
+            self.refused_startups += 1
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(b"Exceeded MaxStartups\r\n")
+            sock.close()
+            log.info("ssh connection from %s refused: too many unauthenticated", source)
+            return
+        self._startups[source] = self._startups.get(source, 0) + 1
+        task = asyncio.create_task(self._serve(sock, source))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, source: str) -> None:
         try:
             conn = await asyncio.wait_for(
-                asyncssh.run_server(sock, options=self._options), timeout=120)
+                asyncssh.run_server(sock, options=self._options), timeout=policy.LOGIN_TIMEOUT)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             log.info("ssh connection failed: %s", exc)
             sock.close()
             return
+        finally:
+            left = self._startups.get(source, 1) - 1
+            if left > 0:
+                self._startups[source] = left
+            else:
+                self._startups.pop(source, None)
         await self._watch(conn)
 
     async def _watch(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -154,6 +186,7 @@ class SshHost:
         that do not get there keep working where they are; they are reported and left
         behind."""
         self.acceptor.stop()
+        self._serving = False
         left = []
         for srv in list(self.servers):
             if srv.conn is None:
@@ -274,7 +307,10 @@ class SshHost:
         return session
 
     def may_output(self) -> bool:
-        return not any(s.backed_up() for s in self.sessions)
+        backed_up = [s for s in self.sessions if s.backed_up()]
+        if backed_up:
+            self._watch_stalls()
+        return not backed_up
 
     def drained(self) -> None:
         self.on_drained()
@@ -282,6 +318,44 @@ class SshHost:
     def broadcast(self, data: bytes) -> None:
         for s in list(self.sessions):
             s.write(data)
+
+    # -- clients that stop reading ------------------------------------------------------
+
+    def _watch_stalls(self) -> None:
+        """While a session holds the console back, look again every second: one that
+        has for STALL_SECONDS is disconnected, so the others' output flows again."""
+        if self._stall_timer is not None or not self._serving:
+            return
+        if any(s.backed_up() for s in self.sessions):
+            loop = asyncio.get_running_loop()
+            self._stall_timer = loop.call_later(1.0, self._check_stalls)
+
+    def _check_stalls(self) -> None:
+        self._stall_timer = None
+        if not self._serving:
+            return  # frozen for a move: the target starts counting afresh
+        now = time.monotonic()
+        cut = False
+        for s in list(self.sessions):
+            since = s.backed_up_since(now)
+            if since is None or now - since < policy.STALL_SECONDS:
+                continue
+            srv = s.server
+            if srv is None or srv.conn is None:
+                continue
+            unread = s.chan.get_write_buffer_size() if s.chan is not None else 0
+            log.info("ssh session %d: client left %d bytes unread for %.0f s: disconnected",
+                     s.state.console.id, unread, now - since)
+            self.stalled += 1
+            srv.conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                                f"keeper: output unread for {policy.STALL_SECONDS:.0f} s "
+                                f"({unread} bytes) holds the guest console back")
+            for other in list(srv.sessions):
+                self.detach(other)
+            cut = True
+        if cut:
+            self.on_drained()  # the console may hand out output again
+        self._watch_stalls()
 
     def retry_inputs(self) -> None:
         for s in list(self.sessions):
@@ -296,6 +370,10 @@ class SshHost:
     async def close(self) -> None:
         """Idempotent: stop accepting, close connections, wait for their tasks."""
         self.acceptor.close()
+        self._serving = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         incoming, self._incoming = self._incoming, []
         for _, restored in incoming:
             tcprepair.release(restored.sock)  # restored, never resumed: still in repair
