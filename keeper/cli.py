@@ -1,11 +1,25 @@
-"""`keeper` command line: `main(argv) -> int`.
+"""keeper keeps a VM's remote-management sessions (VNC, SSH, a raw console) alive while
+the VM live-migrates: the servers run in a small migratable domain, Domain R, that
+moves with the VM. The client keeps its connection; nothing typed is lost.
 
-    keeper lab up|down|status [--lab NAME]      the lab (namespaces, switch, agents)
-    keeper domr create NAME --host H            a Domain R on host H
-    keeper domr delete NAME
-    keeper migrate NAME --to HOST [--json]      move it (prints the trace)
-    keeper demo [--moves N] [--json]            the whole story, then clean up
-    keeper hostd / keeper domr run              daemons the lab starts itself
+Try it (as root; the lab is network namespaces on this machine, 198.18.0.0/24):
+
+  keeper demo                              # the whole story: lab, guest, typing, 10 migrations
+  keeper demo --rms ssh --migrations 4 --json
+  keeper lab up                            # hosts a and b, their agents, guest1 on host a
+  keeper lab status                        # where everything is, the addresses to connect to
+  keeper migrate guest1 --to b             # co-migrate guest1 and its Domain R to host b
+  keeper guest journal guest1              # every byte the guest received, in order
+  keeper lab down                          # remove everything the lab made
+
+On real hosts (see the README, "Running on two machines"):
+
+  keeper pki init --dir /root/keeper-ca    # a CA, then a certificate per host
+  keeper pki issue --dir /root/keeper-ca --host a --ip 10.0.0.1
+  keeper hostd --config /etc/keeper/hostd.toml   # the host agent (deploy/keeper-hostd.service)
+  keeper migrate guest1 --to b --config /etc/keeper/hostd.toml
+
+`keeper COMMAND --help` tells more about each command.
 """
 
 from __future__ import annotations
@@ -16,12 +30,26 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from keeper import ports
 from keeper.arp.garp import DEFAULT_SCHEDULE
 from keeper.errors import KeeperError
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    """The installation a command acts on: a real host's (--config FILE, the agent on
+    this machine) or a lab's (--lab NAME)."""
+    from keeper.lab import topology
+
+    if getattr(args, "config", None):
+        from keeper.hostd import config
+
+        cfg = config.load(args.config)
+        return cfg.spec(cfg.netns or "")
+    return topology.load(args.lab)
 
 
 def _need_root() -> None:
@@ -103,15 +131,27 @@ def cmd_domr(args: argparse.Namespace) -> int:
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
-    from keeper.lab import ops, topology
+    from keeper.lab import ops
 
     _need_root()
-    spec = topology.load(args.lab)
+    spec = _spec(args)
     if args.action == "create":
-        doc = asyncio.run(ops.create_guest(spec, args.name, args.host, mem_mb=args.mem_mb,
-                                           dirty_rate=args.dirty_rate,
-                                           event_delay_ms=args.event_delay_ms,
-                                           mode=args.mode, guest=args.guest))
+        host = args.host or (spec.hosts[0].name if args.config else "a")
+        if args.config and not (args.ip and args.mac):
+            raise KeeperError("with --config, give the guest's Domain R an address on the "
+                              "management network: --ip ADDRESS --mac MAC")
+        if args.ip or args.mac:
+            if not (args.ip and args.mac):
+                raise KeeperError("--ip and --mac go together")
+            doc = asyncio.run(ops.call(spec, host, "POST", "/guest", timeout=180, json={
+                "name": args.name, "ip": args.ip, "mac": args.mac, "mem_mb": args.mem_mb,
+                "event_delay_ms": args.event_delay_ms, "dirty_rate": args.dirty_rate,
+                "mode": args.mode, "guest": args.guest}))
+        else:
+            doc = asyncio.run(ops.create_guest(spec, args.name, host, mem_mb=args.mem_mb,
+                                               dirty_rate=args.dirty_rate,
+                                               event_delay_ms=args.event_delay_ms,
+                                               mode=args.mode, guest=args.guest))
         print(f"guest {doc['name']} on host {doc['host']}: console through Domain R at "
               f"{doc['ip']}:{ports.CONSOLE}")
         return 0
@@ -125,18 +165,87 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(line: dict[str, Any]) -> None:
-    extra = " ".join(f"{k}={v}" for k, v in line.items() if k not in ("phase", "ms"))
-    print(f"  {line['ms']:9.1f} ms  {line['phase']}  {extra}", file=sys.stderr)
+class MigrationProgress:
+    """What a running co-migration has done: pre-copy rounds, bytes sent, the phase it is
+    in. On a terminal a rich progress bar (bytes against the guest's memory, then the
+    synchronisation points); elsewhere one plain line per event, on stderr."""
+
+    def __init__(self, name: str, mem_bytes: int | None, *, live: bool) -> None:
+        self.name, self.mem_bytes = name, mem_bytes or 0
+        self.rounds = self.bytes = self.points = 0
+        self.phase = "starting"
+        self.t0 = time.monotonic()
+        self._bar: Any = None
+        if live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description:<24}"),
+                                 BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), console=Console(stderr=True))
+            self._task = self._bar.add_task(f"{name}: {self.phase}", total=self.mem_bytes or None,
+                                            info="")
+
+    def __enter__(self) -> MigrationProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, line: dict[str, Any]) -> None:
+        phase = str(line.get("phase", "?"))
+        if phase == "pre-copy":
+            if "pages" in line:  # the simulated guest: one line per round
+                self.rounds += 1
+                self.bytes += int(line["pages"]) * 4096
+            else:  # QEMU: one line per poll of query-migrate (its passes are its own)
+                self.rounds = -1
+                self.bytes = int(line.get("transferred") or 0)
+                remaining = line.get("remaining")
+                if remaining is not None:
+                    self.mem_bytes = max(self.mem_bytes, self.bytes + int(remaining))
+        else:
+            self.phase = phase
+            if phase in {f"S{i}" for i in range(1, 8)}:
+                self.points += 1
+        ms = float(line.get("ms", (time.monotonic() - self.t0) * 1e3))
+        if self._bar is None:
+            extra = " ".join(f"{k}={v}" for k, v in line.items() if k not in ("phase", "ms"))
+            print(f"  {ms:9.1f} ms  {phase}  {extra}".rstrip(), file=sys.stderr, flush=True)
+            return
+        where = "pre-copy" if phase == "pre-copy" else self.phase
+        self._bar.update(self._task, description=f"{self.name}: {where}",
+                         total=self.mem_bytes or None,
+                         completed=min(self.bytes, self.mem_bytes) if self.mem_bytes else 0,
+                         info=(f"round {self.rounds}  " if self.rounds >= 0 else "")
+                         + f"{self.bytes / 2**20:7.1f} MiB sent  sync {self.points}/7")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from keeper.lab import ops, topology
+    from keeper.lab import ops
 
     _need_root()
-    spec = topology.load(args.lab)
-    trace = asyncio.run(ops.migrate(spec, args.name, args.to,
-                                    progress=None if args.json else _progress))
+    spec = _spec(args)
+
+    async def run() -> dict[str, Any]:
+        if args.json:
+            return await ops.migrate(spec, args.name, args.to)
+        mem = next((d.get("mem_bytes") for d in (await ops.status(spec))["domains"]
+                    if d["name"] == args.name), None)
+        live = sys.stderr.isatty() and not args.plain
+        with MigrationProgress(args.name, mem, live=live) as progress:
+            return await ops.migrate(spec, args.name, args.to, progress=progress)
+
+    trace = asyncio.run(run())
     if args.json:
         _print(trace, True)
     elif trace.get("kind") == "co-migration":
@@ -163,98 +272,146 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+LAB_HELP = "the lab's name, the prefix of its namespaces (default %(default)s)"
+CONFIG_HELP = ("a real host: act through this machine's agent, as configured in FILE "
+               "(the file `keeper hostd --config` runs with) instead of a lab")
+GUEST_KIND_HELP = ("sim: keeper's simulated guest; qemu: a real Linux VM under QEMU (built "
+                   "by ./scripts/setup)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from keeper.domr import main as domr_main
     from keeper.domu import main as domu_main
     from keeper.hostd import main as hostd_main
+    from keeper.hostd import pki
 
     parser = argparse.ArgumentParser(prog="keeper", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what keeper does (INFO) on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("lab", help="build, inspect or remove the lab")
-    p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--lab", default="keeper", help="lab name (prefix of its namespaces)")
-    p.add_argument("--hosts", default="a,b", help="host names for `up` (default a,b)")
+    p = sub.add_parser("lab", help="build, inspect or remove the lab (namespaces, switch, "
+                       "two host agents, a client) on this machine",
+                       description="The lab: hosts a and b (network namespaces with a host "
+                       "agent each), a switch and a client namespace, 198.18.0.0/24.")
+    p.add_argument("action", choices=["up", "down", "status"],
+                   help="up: build it and start guest1 (idempotent); status: hosts, domains "
+                   "and addresses; down: stop and remove everything it made")
+    p.add_argument("--lab", default="keeper", help=LAB_HELP)
+    p.add_argument("--hosts", default="a,b", help="host names for `up` (default %(default)s)")
     p.add_argument("--empty", action="store_true", help="`up` without the guest pair guest1")
-    p.add_argument("--ssh-authorized-keys", type=Path, default=None,
+    p.add_argument("--ssh-authorized-keys", type=Path, default=None, metavar="FILE",
                    help="keys allowed to ssh into guest consoles (default: a key pair "
                    "made for the lab, see `lab status --json`)")
-    p.add_argument("--mem-mb", type=int, default=256, help="guest1's memory (MiB)")
+    p.add_argument("--mem-mb", type=int, default=256,
+                   help="guest1's memory in MiB (default %(default)s)")
     p.add_argument("--guest", choices=["sim", "qemu"], default="sim",
-                   help="sim: keeper's simulated guest; qemu: a real Linux VM under QEMU "
-                        "(built by ./scripts/setup)")
+                   help=f"guest1's kind. {GUEST_KIND_HELP}")
     p.add_argument("--dirty-rate", type=float, default=0.0,
                    help="guest1's background workload: pages dirtied per second")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="`status` as one JSON document")
     p.set_defaults(func=cmd_lab)
 
-    p = sub.add_parser("guest", help="guests (Domain U + its Domain R)")
-    gsub = p.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("guest", help="guests (a Domain U and its Domain R): create one, "
+                       "read its input journal")
+    gsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = gsub.add_parser("create", help="create a guest pair on a host")
-    c.add_argument("name")
-    c.add_argument("--host", default="a")
-    c.add_argument("--mem-mb", type=int, default=256)
-    c.add_argument("--dirty-rate", type=float, default=0.0)
-    c.add_argument("--event-delay-ms", type=float, default=0.0)
-    c.add_argument("--guest", choices=["sim", "qemu"], default="sim",
-                   help="sim: keeper's simulated guest; qemu: a real Linux VM under QEMU "
-                        "(built by ./scripts/setup)")
+    c.add_argument("name", help="the guest's name (1-12 of a-z, 0-9)")
+    c.add_argument("--host", default=None,
+                   help="the host to start it on (default: a; with --config: this host)")
+    c.add_argument("--mem-mb", type=int, default=256,
+                   help="the guest's memory in MiB (default %(default)s)")
+    c.add_argument("--dirty-rate", type=float, default=0.0,
+                   help="a simulated guest's background workload: pages dirtied per second")
+    c.add_argument("--event-delay-ms", type=float, default=0.0,
+                   help="a simulated guest handles each event this much later (the paper's "
+                   "200 ms ablation)")
+    c.add_argument("--guest", choices=["sim", "qemu"], default="sim", help=GUEST_KIND_HELP)
     c.add_argument("--mode", choices=["keeper", "baseline"], default="keeper",
-                   help="baseline: the conventional set-up, servers in Dom0 (for benches)")
-    c.add_argument("--lab", default="keeper")
+                   help="keeper: its servers in a Domain R that moves with it; baseline: the "
+                   "conventional set-up, servers in Dom0 on the host's address (for benches)")
+    c.add_argument("--ip", default=None,
+                   help="its Domain R's address (default in a lab: the next free one; "
+                   "required with --config: an address on the management network)")
+    c.add_argument("--mac", default=None, help="its Domain R's MAC address (with --ip)")
+    c.add_argument("--lab", default="keeper", help=LAB_HELP)
+    c.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     c.set_defaults(func=cmd_guest)
-    j = gsub.add_parser("journal", help="what the guest's input journal holds")
-    j.add_argument("name")
-    j.add_argument("--lab", default="keeper")
-    j.add_argument("--json", action="store_true")
+    j = gsub.add_parser("journal", help="what the guest's input journal holds: every byte "
+                        "it received, in order")
+    j.add_argument("name", help="the guest's name")
+    j.add_argument("--lab", default="keeper", help=LAB_HELP)
+    j.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    j.add_argument("--json", action="store_true", help="one JSON document")
     j.set_defaults(func=cmd_guest)
     domu_main.add_parser(sub)
 
-    p = sub.add_parser("domr", help="Domain R: create, delete, or run the process")
-    dsub = p.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("domr", help="a stand-alone Domain R (an echo service, no guest): "
+                       "create, delete, or run the process")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = dsub.add_parser("create", help="create a Domain R on a host")
-    c.add_argument("name")
-    c.add_argument("--host", default="a")
-    c.add_argument("--index", type=int, default=None, help="address index (IP .100+N)")
+    c.add_argument("name", help="its name (1-12 of a-z, 0-9)")
+    c.add_argument("--host", default="a", help="the host to start it on (default %(default)s)")
+    c.add_argument("--index", type=int, default=None,
+                   help="address index: IP 198.18.0.(100+N) (default: the next free one)")
     c.add_argument("--announce-schedule", default=DEFAULT_SCHEDULE,
-                   help="gratuitous ARP offsets in ms after each move")
-    c.add_argument("--lab", default="keeper")
+                   help="gratuitous ARP offsets in ms after each move (default %(default)s)")
+    c.add_argument("--lab", default="keeper", help=LAB_HELP)
     c.set_defaults(func=cmd_domr)
     d = dsub.add_parser("delete", help="stop and remove a Domain R")
-    d.add_argument("name")
-    d.add_argument("--lab", default="keeper")
+    d.add_argument("name", help="the Domain R to remove")
+    d.add_argument("--lab", default="keeper", help=LAB_HELP)
     d.set_defaults(func=cmd_domr)
     domr_main.add_parser(dsub)
 
-    p = sub.add_parser("migrate", help="move a Domain R to another host")
-    p.add_argument("name")
-    p.add_argument("--to", required=True)
-    p.add_argument("--lab", default="keeper")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("migrate", help="live-migrate a guest with its Domain R (or a "
+                       "stand-alone Domain R) to another host",
+                       description="Co-migrate a guest and its Domain R to another host: "
+                       "its sessions stay connected. Shows a progress bar on a terminal "
+                       "(pre-copy rounds, bytes sent, phase), plain lines otherwise, then "
+                       "the trace.")
+    p.add_argument("name", help="the guest (or stand-alone Domain R) to move")
+    p.add_argument("--to", required=True, metavar="HOST",
+                   help="the host to move it to (a lab host, or a peer in the config)")
+    p.add_argument("--lab", default="keeper", help=LAB_HELP)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP + "; the guest must be on "
+                   "this host")
+    p.add_argument("--plain", action="store_true",
+                   help="plain progress lines even on a terminal")
+    p.add_argument("--json", action="store_true",
+                   help="no progress; the whole trace as one JSON line")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("demo", help="lab up, a guest, typing while it migrates back and "
-                       "forth, summary, clean up")
-    p.add_argument("--migrations", type=int, default=10)
+    p = sub.add_parser("demo", help="the whole story: lab up, a guest, typing while it "
+                       "migrates back and forth, summary, clean up",
+                       description="Builds a lab, starts guest1 on host a, types one key "
+                       "every 50 ms into its console through Domain R while it migrates "
+                       "a->b->a..., then compares what was typed with what the guest "
+                       "received and removes the lab (also on Ctrl-C). Exit status 0 only "
+                       "if nothing was lost.")
+    p.add_argument("--migrations", type=int, default=10,
+                   help="how many migrations (default %(default)s)")
     p.add_argument("--rms", choices=["console", "ssh", "vnc"], default="console",
                    help="remote-management session to type through: raw console, SSH "
-                   "or VNC")
+                   "(OpenSSH) or VNC (default %(default)s)")
     p.add_argument("--mem-mb", type=int, default=None,
                    help="the guest's memory (MiB; default 256, 128 for --guest qemu)")
     p.add_argument("--guest", choices=["auto", "sim", "qemu"], default="auto",
                    help="qemu: a real Linux VM under QEMU; sim: keeper's simulated guest; "
                         "auto (default): qemu where QEMU and the guest image are installed")
     p.add_argument("--dirty-rate", type=float, default=2000.0,
-                   help="pages the guest's background workload dirties per second")
-    p.add_argument("--lab", default="kdemo")
+                   help="pages the simulated guest's background workload dirties per second "
+                   "(default %(default)s)")
+    p.add_argument("--lab", default="kdemo", help=LAB_HELP)
     p.add_argument("--interval", type=float, default=1.0,
-                   help="seconds between migrations")
-    p.add_argument("--json", action="store_true", help="last line: one JSON summary")
+                   help="seconds between migrations (default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="progress on stderr; the last line on stdout is one JSON summary")
     p.set_defaults(func=cmd_demo)
 
     hostd_main.add_parser(sub)
+    pki.add_parser(sub)
     return parser
 
 
@@ -267,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeeperError as exc:
         print(f"keeper: {exc}", file=sys.stderr)
-        return 1
+        from keeper.hostd.config import ConfigError
+
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130

@@ -25,12 +25,13 @@ from keeper.net import netns
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run a Domain R process (its host agent starts it)")
-    p.add_argument("--name", required=True)
-    p.add_argument("--ip", required=True)
-    p.add_argument("--mac", required=True)
+    p.add_argument("--name", required=True, help="the Domain R's (its guest's) name")
+    p.add_argument("--ip", required=True, help="its own IP address (travels with it)")
+    p.add_argument("--mac", required=True, help="its own MAC address (travels with it)")
     p.add_argument("--netns", required=True, help="network namespace to run in")
     p.add_argument("--control", required=True, help="Unix socket path for the host agent")
-    p.add_argument("--console-port", type=int, default=2323)
+    p.add_argument("--console-port", type=int, default=2323,
+                   help="TCP port of the raw console (default %(default)s)")
     p.add_argument("--hypercall", help="hypercall socket: serve the guest's console "
                    "(without it: a stand-alone echo service)")
     p.add_argument("--devices", help="device channel: serve a QEMU guest's serial console "

@@ -188,12 +188,16 @@ class Guest:
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("domu", help="the simulated guest (its host agent starts it)")
     dsub = p.add_subparsers(dest="action", required=True)
-    r = dsub.add_parser("run")
-    r.add_argument("--name", required=True)
-    r.add_argument("--hypercall", required=True)
-    r.add_argument("--mem-fd", type=int, required=True)
-    r.add_argument("--dirty-fd", type=int, required=True)
-    r.add_argument("--ctl-fd", type=int, required=True)
+    r = dsub.add_parser("run", help="run a simulated guest (its host agent starts it, with "
+                        "the file descriptors below already open)")
+    r.add_argument("--name", required=True, help="the guest's name (its shell's host name)")
+    r.add_argument("--hypercall", required=True, help="the hypercall channel's Unix socket")
+    r.add_argument("--mem-fd", type=int, required=True,
+                   help="inherited fd: the guest's memory (a memfd its agent owns)")
+    r.add_argument("--dirty-fd", type=int, required=True,
+                   help="inherited fd: its log-dirty map (one byte per page)")
+    r.add_argument("--ctl-fd", type=int, required=True,
+                   help="inherited fd: the control socket (pause, resume, quit)")
     r.add_argument("--resume", action="store_true", help="attach to migrated memory")
     r.add_argument("--event-delay-ms", type=float, default=0.0,
                    help="handle each event-channel upcall this much later (ablation)")

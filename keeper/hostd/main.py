@@ -1,29 +1,88 @@
-"""`keeper hostd`: run the host agent of one lab host inside that host's namespace."""
+"""`keeper hostd`: run a host agent.
+
+    keeper hostd --config /etc/keeper/hostd.toml   # a real host (deploy/keeper-hostd.service)
+    keeper hostd --lab keeper --host a             # a lab host (`keeper lab up` starts it)
+
+With --config, a mistake in the file is reported with the field it concerns, and the
+agent exits 2 (systemd does not restart it: see RestartPreventExitStatus in the unit).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from keeper.errors import KeeperError
 from keeper.lab import topology
+from keeper.lab.topology import LabSpec
 from keeper.net import netns
+
+CONFIG_ERROR = 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("hostd", help="run a host agent (started by `keeper lab up`)")
-    p.add_argument("--lab", default="keeper")
-    p.add_argument("--host", required=True)
+    p = sub.add_parser("hostd", help="run a host agent: on a real host from a config file "
+                       "(--config), in the lab as `keeper lab up` starts it (--lab/--host)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML configuration of a real host (example: deploy/hostd.toml)")
+    p.add_argument("--lab", default="keeper", help="lab name, without --config "
+                   "(default %(default)s)")
+    p.add_argument("--host", help="the lab host to run, without --config")
     p.add_argument("--no-may-write", action="store_true",
                    help="turn off D-MORE's may-write extension to log-dirty (ablation)")
+    p.add_argument("--check", action="store_true",
+                   help="with --config: check the file and the host's network, print what "
+                   "would run, and exit (0 if good, 2 if not)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = topology.load(args.lab)
-    netns.enter(spec.host(args.host).ns)  # first, before any thread exists
+    if args.config is None:
+        if args.host is None:
+            print("keeper hostd: give --config FILE, or --host NAME for a lab host",
+                  file=sys.stderr)
+            return CONFIG_ERROR
+        spec: LabSpec = topology.load(args.lab)
+        netns.enter(spec.host(args.host).ns)  # first, before any thread exists
+        return _serve(spec, args.host, may_write=not args.no_may_write)
+
+    from keeper.hostd import config
+
+    try:
+        cfg = config.load(args.config)
+        ns = config.enter(cfg)  # first, before any thread exists
+        config.check_network(cfg, ns)
+    except config.ConfigError as exc:
+        print(f"keeper hostd: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
+    except KeeperError as exc:  # a kernel error entering or reading the namespace
+        print(f"keeper hostd: {args.config}: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
+    spec = cfg.spec(ns)
+    if args.check:
+        print(f"{cfg.path}: host {cfg.name} in netns {ns}, management {cfg.address}/"
+              f"{cfg.prefixlen} on {cfg.bridge}, peers "
+              f"{', '.join(f'{p}={ip}' for p, ip in cfg.peers.items()) or 'none'}, run dir "
+              f"{cfg.run_dir}, metrics on {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}")
+        return 0
+    from keeper.lab import sshkeys
+
+    cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sshkeys.ensure_login_key(spec, cfg.authorized_keys)
+    return _serve(spec, cfg.name, may_write=cfg.may_write and not args.no_may_write,
+                  metrics_listen=cfg.metrics_listen)
+
+
+def _serve(spec: LabSpec, host: str, *, may_write: bool,
+           metrics_listen: tuple[str, int] | None = None) -> int:
     import uvloop
 
     from keeper.hostd.serve import serve
 
     logging.getLogger().setLevel(logging.INFO)
-    return uvloop.run(serve(spec, args.host, may_write=not args.no_may_write))
+    # TODO(metrics): hand metrics_listen to serve() once its HTTP /metrics server takes
+    # a listen address; until then the agent's /metrics stays on its Unix socket.
+    del metrics_listen
+    return uvloop.run(serve(spec, host, may_write=may_write))

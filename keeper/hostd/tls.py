@@ -47,6 +47,11 @@ BACKDATE = datetime.timedelta(minutes=5)
 _HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def valid_host_name(host: str) -> bool:
+    """A host name the PKI accepts: a lowercase DNS label, not "ca"."""
+    return bool(_HOST_RE.match(host)) and host != "ca"
+
+
 def hostname(host: str) -> str:
     """The DNS name in `host`'s certificate, to pass as `server_hostname`."""
     return f"{host}.{DOMAIN}"
@@ -74,6 +79,117 @@ def make_lab_pki(directory: Path, hosts: dict[str, str]) -> None:
         for host, ip in wanted.items():
             if not _host_valid(directory, host, ip, ca[1], now):
                 _issue_host(directory, host, ip, ca, now)
+
+
+def make_ca(directory: Path) -> bool:
+    """Ensure a CA in `directory` (0700), for `keeper pki init`. True if a new one was made:
+    every host certificate the old CA signed must then be issued again."""
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    with _locked(directory):
+        now = _now()
+        if _load_valid_ca(directory, now) is not None:
+            return False
+        _issue_ca(directory, now)
+        return True
+
+
+def issue_host(directory: Path, host: str, ip: str, *, force: bool = False) -> bool:
+    """Ensure `host`'s key and certificate (for `ip`) signed by the CA in `directory`, for
+    `keeper pki issue`. A valid pair is kept unless `force`; True if one was issued."""
+    addr = _check_host(host, ip)
+    directory = Path(directory)
+    if not (directory / CA_KEY).is_file():
+        raise KeeperError(f"no CA key in {directory} (make one with "
+                          f"`keeper pki init --dir {directory}`)")
+    with _locked(directory):
+        now = _now()
+        ca = _load_valid_ca(directory, now)
+        if ca is None:
+            raise KeeperError(f"the CA in {directory} is damaged or expires within "
+                              f"{RENEW_MARGIN.days} days: `keeper pki init --dir {directory}` "
+                              "makes a new one (then issue every host again)")
+        if not force and _host_valid(directory, host, addr, ca[1], now):
+            return False
+        _issue_host(directory, host, addr, ca, now)
+        return True
+
+
+def host_problem(directory: Path, host: str, ip: str) -> str | None:
+    """Why `host` could not use the credentials in `directory` on address `ip` (None if it
+    can). Needs only ca.crt and the host's pair: the CA key stays off the hosts."""
+    directory = Path(directory)
+    try:
+        addr = _check_host(host, ip)
+    except KeeperError as exc:
+        return str(exc)
+    try:
+        ca_cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"cannot read the CA certificate {directory / CA_CERT}: {exc}"
+    key_path, cert_path = directory / f"{host}.key", directory / f"{host}.crt"
+    if not key_path.is_file() or not cert_path.is_file():
+        return f"{key_path.name} or {cert_path.name} missing in {directory}"
+    loaded = _load_pair(key_path, cert_path)
+    if loaded is None:
+        return f"{key_path.name} and {cert_path.name} in {directory} do not parse or do not match"
+    cert = loaded[1]
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (InvalidSignature, ValueError, TypeError):
+        return f"{cert_path.name} is not signed by {directory / CA_CERT}"
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [host]:
+        return f"{cert_path.name} is for {names!r}, not host {host!r}"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return f"{cert_path.name} names no address"
+    ips = san.get_values_for_type(x509.IPAddress)
+    if addr not in ips:
+        return (f"{cert_path.name} is for {', '.join(map(str, ips)) or 'no IP'}, not {ip}: "
+                "peers dial the management address and check it")
+    now = _now()
+    if now < cert.not_valid_before_utc:
+        return f"{cert_path.name} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
+    if now >= cert.not_valid_after_utc:
+        return f"{cert_path.name} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    return None
+
+
+def describe(directory: Path) -> list[dict[str, str]]:
+    """Every certificate in `directory`: name, addresses, expiry, and whether the CA
+    there signed it (for `keeper pki list`)."""
+    directory = Path(directory)
+    try:
+        ca_cert: x509.Certificate | None = x509.load_pem_x509_certificate(
+            (directory / CA_CERT).read_bytes())
+    except (OSError, ValueError):
+        ca_cert = None
+    out = []
+    for path in sorted(directory.glob("*.crt")):
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError:
+            out.append({"file": path.name, "error": "does not parse"})
+            continue
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            ips = ",".join(str(a) for a in san.get_values_for_type(x509.IPAddress))
+        except x509.ExtensionNotFound:
+            ips = ""
+        signed = "no CA"
+        if ca_cert is not None:
+            try:
+                cert.verify_directly_issued_by(ca_cert)
+                signed = "yes"
+            except (InvalidSignature, ValueError, TypeError):
+                signed = "no"
+        out.append({"file": path.name, "subject": cert.subject.rfc4514_string(), "ip": ips,
+                    "not_after": f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "signed_by_ca": signed})
+    return out
 
 
 def _check_host(host: str, ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -292,7 +408,7 @@ def _context(protocol: int, directory: Path, host: str) -> ssl.SSLContext:
     if missing:
         raise KeeperError(
             f"TLS credentials for host {host!r} missing in {directory}: {', '.join(missing)}"
-            " (made by `keeper lab up`)")
+            " (made by `keeper lab up`, or `keeper pki issue` for a real host)")
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3

@@ -246,3 +246,33 @@ def fdb(ns: str, bridge: str) -> dict[str, str]:
             if mac:
                 out[mac] = names.get(entry["ifindex"], str(entry["ifindex"]))
     return out
+
+
+def current_name() -> str | None:
+    """The name under /run/netns of the namespace this thread is in, if it has one."""
+    me = os.stat("/proc/thread-self/ns/net")
+    for name in netns.listnetns():
+        with contextlib.suppress(OSError):
+            st = os.stat(f"{RUN_NETNS}/{name}")
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return name
+    return None
+
+
+def attach(name: str) -> None:
+    """Give the namespace this thread is in the name `name` (`ip netns attach NAME $$`),
+    so the wrappers here can address it like any other. The name must be free."""
+    with _lock:
+        _ensure_run_dir()
+        path = f"{RUN_NETNS}/{name}"
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+        except OSError as exc:
+            raise KernelError.wrap(f"attach netns {name}", exc) from exc
+        try:
+            _libc_call(f"attach netns {name}", _libc.mount(
+                b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
