@@ -19,13 +19,13 @@ import asyncio
 import enum
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from keeper import ports
 from keeper.arp.garp import DEFAULT_SCHEDULE_MS
 from keeper.console.raw import RawSession
-from keeper.console.service import EchoDevice, RawConsole
+from keeper.console.service import EchoDevice, RawConsole, RawConsoleCheckpoint
 from keeper.domr import checkpoint as ck
 from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
@@ -34,12 +34,14 @@ from keeper.errors import KeeperError
 from keeper.qemu.chardev import ChardevConsole, ChardevState
 from keeper.qemu.display import QemuDisplay, QemuDisplayState
 from keeper.ssh.host import SshConfig, SshHost
-from keeper.vnc.server import VncHost
+from keeper.vnc.server import VncHost, VncHostCheckpoint
+from keeper.web.service import WebHost
 
 log = logging.getLogger("keeper.domr")
 
 # where each service's sessions appear in /status (callers read these names)
-STATUS_KEYS = {"console": "sessions", "ssh": "ssh_sessions", "vnc": "vnc_sessions"}
+STATUS_KEYS = {"console": "sessions", "ssh": "ssh_sessions", "vnc": "vnc_sessions",
+               "web": "web_sessions"}
 
 
 class Phase(enum.Enum):
@@ -66,6 +68,21 @@ class MoveStats:
     queued_out: int = 0  # bytes for clients not yet acknowledged (kernel + ours)
     dump_ms: float = 0.0
     restore_ms: float = 0.0
+    # per service: sessions moved, left behind, client input held across the switchover
+    # (console: bytes; vnc: key presses); for the agent's metrics
+    by_rms: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _keys_held(part: Any) -> int:
+    """Client input in a service's checkpoint that the guest has not taken yet: the raw
+    console's bytes (kernel queue and session), VNC's key presses. (SSH's is ciphertext
+    in the kernel queue: not counted as keys.)"""
+    if isinstance(part, RawConsoleCheckpoint):
+        return part.queued_in
+    if isinstance(part, VncHostCheckpoint):
+        groups = [g for c in part.sessions for g in c.session.pending_input] + part.orphaned
+        return sum(1 for g in groups for kind, _, down in g if kind == "key" and down)
+    return 0
 
 
 class DomainR:
@@ -87,6 +104,7 @@ class DomainR:
         self.phase = Phase.EMPTY
         self.loop = asyncio.get_running_loop()
         self.left_behind: list[str] = []
+        self._left_at_quiesce: dict[str, int] = {}
         self.last_move = MoveStats()
         self.announce_enabled = announce
         self.announce_schedule = announce_schedule
@@ -102,11 +120,14 @@ class DomainR:
             self._add_ssh(ssh)
         self.display = display
         self.vnc: VncHost | None = None
+        self.web: WebHost | None = None  # the web console: noVNC, VNC over WebSocket
         if display is not None:
             self.vnc = VncHost(display, ip, name)
-            display.on_damage = self.vnc.damage
+            self.web = WebHost(self.vnc, ip, name)
+            display.on_damage = self._damage
+            display.on_room = self._display_room
             if isinstance(display, QemuDisplay):
-                display.on_resize = self.vnc.resize
+                display.on_resize = self._resize
 
     def _add_ssh(self, cfg: SshConfig) -> SshHost:
         self.ssh = SshHost(cfg, self.ip, on_input=self._console_input,
@@ -115,8 +136,25 @@ class DomainR:
 
     @property
     def services(self) -> list[Service[Any]]:
-        """Every service, always in this order: raw console, SSH, VNC."""
-        return [s for s in (self.console, self.ssh, self.vnc) if s is not None]
+        """Every service, always in this order: raw console, SSH, VNC, web console."""
+        return [s for s in (self.console, self.ssh, self.vnc, self.web) if s is not None]
+
+    # -- the display's side: VNC viewers and browsers watch the same screen --------------
+
+    def _damage(self, rects: list[tuple[int, int, int, int]]) -> None:
+        for svc in (self.vnc, self.web):
+            if svc is not None:
+                svc.damage(rects)
+
+    def _display_room(self) -> None:
+        for svc in (self.vnc, self.web):
+            if svc is not None:
+                svc.on_room()
+
+    def _resize(self, width: int, height: int) -> None:
+        for svc in (self.vnc, self.web):
+            if svc is not None:
+                svc.resize(width, height)
 
     @property
     def _fed(self) -> list[ConsoleFed]:
@@ -217,14 +255,25 @@ class DomainR:
             self.display.stop()
         self.phase = Phase.QUIESCED
         self.left_behind = []
-        for left in await asyncio.gather(*(svc.quiesce() for svc in self.services)):
+        self._left_at_quiesce = {}
+        services = self.services
+        for svc, left in zip(services, await asyncio.gather(*(svc.quiesce() for svc in services)),
+                             strict=True):
             self.left_behind += left
+            self._left_at_quiesce[svc.name] = len(left)
 
     def checkpoint(self) -> bytes:
         """Dump every session (the link must already be down). Sockets stay in repair mode."""
         self._require(Phase.QUIESCED)
         t0 = time.perf_counter()
-        parts = {svc.name: svc.checkpoint(self.left_behind) for svc in self.services}
+        parts, by_rms = {}, {}
+        for svc in self.services:
+            before = len(self.left_behind)
+            parts[svc.name] = part = svc.checkpoint(self.left_behind)
+            by_rms[svc.name] = {
+                "moved": len(part.sessions), "keys_held": _keys_held(part),
+                "left_behind": len(self.left_behind) - before
+                + self._left_at_quiesce.get(svc.name, 0)}
         console = parts["console"]
         blob = ck.encode(
             ck.DomrCheckpoint(
@@ -234,13 +283,13 @@ class DomainR:
                 ssh=parts.get("ssh"),
                 display=self.display.state if isinstance(self.display, DisplayBackend)
                 else None,
-                vnc=parts.get("vnc"), qemu_guest=self._qemu_guest(),
+                vnc=parts.get("vnc"), web=parts.get("web"), qemu_guest=self._qemu_guest(),
             )
         )
         self.last_move = MoveStats(
             sessions=len(console.sessions), bytes=len(blob),
             dump_ms=(time.perf_counter() - t0) * 1e3,
-            queued_in=console.queued_in, queued_out=console.queued_out,
+            queued_in=console.queued_in, queued_out=console.queued_out, by_rms=by_rms,
         )
         self.phase = Phase.DUMPED
         return blob
@@ -300,7 +349,7 @@ class DomainR:
             self._add_ssh(doc.ssh.config).bind()
         if doc.display is not None and isinstance(self.display, DisplayBackend):
             self.display.reconnect(doc.display)
-        parts = {"console": doc.console, "ssh": doc.ssh, "vnc": doc.vnc}
+        parts = {"console": doc.console, "ssh": doc.ssh, "vnc": doc.vnc, "web": doc.web}
         for svc in self.services:
             part = parts[svc.name]
             if part is not None:
@@ -333,7 +382,7 @@ class DomainR:
             "name": self.name, "ip": self.ip, "mac": self.mac, "phase": self.phase.value,
             "console_port": self.console_port, "sessions": [],
             "closed_sessions": self.console.closed_sessions, "left_behind": self.left_behind,
-            "ssh_sessions": [], "vnc_sessions": [],
+            "ssh_sessions": [], "vnc_sessions": [], "web_sessions": [],
             "vnc_keys": self.vnc.keys if self.vnc is not None else 0,
             "last_move": {
                 "sessions": self.last_move.sessions, "bytes": self.last_move.bytes,

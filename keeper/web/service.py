@@ -54,6 +54,7 @@ class HttpState:
     inbuf: bytes = b""  # the request so far (parsed afresh on every read)
     out: bytes = b""  # the response, not yet taken by the kernel
     answered: bool = False  # the response is in `out`; then we wait for the browser's FIN
+    shut: bool = False  # all of it went to the kernel, and our FIN after it
 
 
 @dataclass(slots=True)
@@ -162,7 +163,12 @@ class HttpConn(SocketPump):
                 self.close(f"send: {exc}")
                 return
             st.out = st.out[n:]
-        # after the response we still read: the browser's FIN (b"") ends the connection
+        if st.answered and not st.out and not st.shut:
+            # our FIN: a client that reads to the end has it all; we still read until
+            # the client's FIN (closing with its bytes unread would send a RST)
+            st.shut = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
         self.want(read=True, write=bool(st.out))
 
     def close(self, why: str) -> None:
@@ -345,7 +351,10 @@ class WebHost(MovableSessions):
             try:
                 rec = tcprepair.dump(conn.sock)
             except NotMovable as exc:
-                left_behind.append(f"web {cid}: {exc}")
+                if isinstance(conn, HttpConn) and conn.state.shut:
+                    log.info("http %d: answered and closing, ends here: %s", cid, exc)
+                else:
+                    left_behind.append(f"web {cid}: {exc}")
                 continue
             if isinstance(state, WebSessionState):
                 out.sessions.append(WebSessionCheckpoint(session=state, tcp=rec))
