@@ -15,6 +15,7 @@ from keeper.errors import CheckpointError
 from keeper.net.tcprepair import TcpRepairRecord
 from keeper.ssh.host import SshHostCheckpoint
 from keeper.vnc.server import VncHostCheckpoint
+from keeper.web.service import WebHostCheckpoint
 
 # the shape changed with the per-service parts: an older checkpoint is refused by name
 KIND = "domr-checkpoint/2"
@@ -36,6 +37,8 @@ class DomrCheckpoint:
     # the keyboard/framebuffer backends and the VNC sessions on them (None: no display)
     display: DisplayBackendState | None = None
     vnc: VncHostCheckpoint | None = None
+    # the web console's HTTP connections and browser sessions (None: no display)
+    web: WebHostCheckpoint | None = None
     # a QEMU guest's Domain R: which guest's device sockets to open on the target
     qemu_guest: str | None = None
 
