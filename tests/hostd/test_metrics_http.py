@@ -168,7 +168,7 @@ def test_the_password_file_accepts_bcrypt_only(tmp_path: Path) -> None:
     for bad in ("prometheus:plain", "prometheus:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=",
                 "no-colon", "user:$apr1$abc$defghijklmnopqrstuvwx", ""):
         path.write_text(bad + "\n")
-        with pytest.raises(KeeperError, match="line 1|names no user"):
+        with pytest.raises(KeeperError, match=r"line 1|names no user"):
             metrics_http.load_htpasswd(path)
     h = metrics_http.hash_password("x", rounds=4)
     path.write_text(f"\n# comment\nu:{h}\nv:{h.replace('$2b$', '$2y$')}\n")
