@@ -17,7 +17,8 @@ from keeper.lab import ops, topology
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Link
 
-OUT = Path(__file__).parent / "out"
+# bench/report.py points every bench it runs at one directory through the environment
+OUT = Path(os.environ.get("KEEPER_BENCH_OUT") or Path(__file__).parent / "out")
 
 
 def need_root(name: str) -> None:

@@ -5,6 +5,18 @@ each of the paper's findings beside ours, and the machine it ran on.
     python bench/report.py --scale quick     # minutes: small guests, few migrations
     python bench/report.py --scale paper     # the paper's sizes (256 MiB-2 GiB, 10 runs)
 
+    python bench/report.py --only keyloss    # one bench; the other sections as committed
+    python bench/report.py --no-run          # rewrite RESULTS.md from bench/results/*.json
+
+Evidence that cannot go stale or silent: every bench it runs writes its JSON into
+`--out` (bench/out; the benches honour KEEPER_BENCH_OUT); a section is written only
+from a bench that exited 0 and whose JSON (and plot) is newer than that bench's run,
+and that JSON is then committed beside the plot as bench/results/<section>.json,
+stamped with the run (argv, exit status, date). A section whose bench failed, wrote
+nothing, or left only an older file is not written: RESULTS.md says so, the stale
+file is not copied, and report.py exits 1 naming each. Sections of benches not run
+this time come from the committed, stamped JSON (with its run's date), or say "not run".
+
 Needs root and matplotlib (`pip install -e '.[bench]'`).
 """
 
@@ -12,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import OUT, machine, need_root
 
@@ -126,52 +141,151 @@ SUMMARIES = {"keyloss": _keyloss, "keyloss-ssh": _keyloss, "latency": _latency,
              "downtime": _downtime, "degradation": _degradation}
 
 
-def ours() -> dict[str, str]:
-    """One line per bench from its JSON, for those that have run."""
-    out = {}
-    for name, summarise in SUMMARIES.items():
-        path = OUT / f"{name}.json"
-        if path.exists():
-            out[name] = summarise(json.loads(path.read_text()))
-    return out
+def section_of(key: str) -> str:
+    """The RESULTS.md section (and JSON name) a SCALES entry writes: "keyloss.py ssh"
+    -> keyloss-ssh, "latency.py" -> latency."""
+    script, *variant = key.split()
+    return "-".join([script.removesuffix(".py"), *variant])
+
+
+# a file's mtime comes from the kernel's coarse clock, a few ms behind time.time()
+CLOCK_SLACK_S = 0.05
+
+
+@dataclass
+class Run:
+    """One bench run by this report: what it ran, when, and how it ended."""
+
+    section: str
+    argv: list[str]
+    started: float
+    returncode: int
+
+    def stamp(self, scale: str) -> dict[str, Any]:
+        return {"section": self.section, "argv": self.argv, "scale": scale,
+                "started": self.started, "bench_exit": self.returncode,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.started))}
+
+
+def fresh(run: Run, out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON a run wrote, or why no section may be written from it: the bench
+    failed, wrote nothing, or the file is older than the run (left by an earlier one)."""
+    path = out / f"{run.section}.json"
+    if run.returncode != 0:
+        return None, f"{run.section}: `{' '.join(run.argv)}` exited {run.returncode}"
+    if not path.exists():
+        return None, f"{run.section}: `{' '.join(run.argv)}` wrote no {path}"
+    mtime = path.stat().st_mtime
+    if mtime + CLOCK_SLACK_S < run.started:
+        return None, (f"{run.section}: {path} is older than this run (written "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(mtime))}, run "
+                      f"started {time.strftime('%H:%M:%S', time.localtime(run.started))})")
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as exc:
+        return None, f"{run.section}: {path} is not JSON: {exc}"
+
+
+def committed(results: Path, name: str) -> dict[str, Any] | None:
+    """The evidence a previous report committed for `name`, if it came from a bench
+    that succeeded (report.py stamps what it copies)."""
+    path = results / f"{name}.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    stamp = doc.get("report") if isinstance(doc, dict) else None
+    if not isinstance(stamp, dict) or stamp.get("bench_exit") != 0:
+        return None
+    return doc
+
+
+def run_benches(args: argparse.Namespace, out: Path) -> dict[str, Run]:
+    runs: dict[str, Run] = {}
+    env = {**os.environ, "KEEPER_BENCH_OUT": str(out)}  # every bench writes there
+    for key, extra in SCALES[args.scale].items():
+        script = key.split()[0]
+        if args.only and script.removesuffix(".py") not in args.only.split(","):
+            continue
+        argv = [sys.executable, str(args.bench_dir / script), *extra]
+        print(f"== {script} {' '.join(extra)}", file=sys.stderr)
+        started = time.time()
+        done = subprocess.run(argv, check=False, env=env)
+        runs[section_of(key)] = Run(section_of(key), [script, *extra], started,
+                                    done.returncode)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="quick")
     p.add_argument("--only", help="comma-separated bench scripts to run (default: all)")
-    p.add_argument("--no-run", action="store_true", help="only rewrite RESULTS.md")
+    p.add_argument("--no-run", action="store_true",
+                   help="only rewrite RESULTS.md from the committed bench/results/*.json")
+    p.add_argument("--bench-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="where the benches write their JSON (default %(default)s)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR,
+                   help="the committed evidence: JSON and plots (default %(default)s)")
+    p.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     args = p.parse_args(argv)
-    need_root("bench/report.py")
     started = time.time()
+    runs: dict[str, Run] = {}
     if not args.no_run:
-        for key, extra in SCALES[args.scale].items():
-            script = key.split()[0]
-            if args.only and script.removesuffix(".py") not in args.only.split(","):
-                continue
-            print(f"== {script} {' '.join(extra)}", file=sys.stderr)
-            subprocess.run([sys.executable, str(HERE / script), *extra], check=False)
-    results = ours()
+        need_root("bench/report.py")
+        runs = run_benches(args, args.out)
+    refused: list[str] = []
     m = machine()
     lines = ["# Results: the paper's section 5, and ours", "",
              f"Scale `{args.scale}`, on {m['machine']} with {m['cpus']} CPUs, Linux "
              f"{m['kernel']}, Python {m['python']}; written by `bench/report.py` "
              f"({time.strftime('%Y-%m-%d', time.gmtime(started))}). The paper used two "
              "Xeon E3-1270 hosts on gigabit Ethernet with Xen 4.3.2; we use one machine "
-             "with network namespaces and a simulated hypervisor (see the README).", ""]
+             "with network namespaces and a simulated hypervisor (see the README). Every "
+             "line below comes from the JSON beside it in `bench/results/`, written by a "
+             "bench that succeeded; the date is its run's.", ""]
     for name, text in PAPER.items():
-        lines += [f"## {name}", "", f"- paper: {text}",
-                  f"- keeper: {results.get(name, 'not run at this scale yet')}"]
+        lines += [f"## {name}", "", f"- paper: {text}"]
+        doc, why = None, None
+        if name in runs:
+            doc, why = fresh(runs[name], args.out)
+            if doc is not None:
+                try:
+                    SUMMARIES[name](doc)  # a section can be written from it
+                except (KeyError, TypeError, ValueError, statistics.StatisticsError) as exc:
+                    doc, why = None, f"{name}: its JSON lacks what the section needs ({exc!r})"
+            if doc is not None:  # fresh and whole: it becomes the committed evidence
+                doc["report"] = runs[name].stamp(args.scale)
+                args.results.mkdir(parents=True, exist_ok=True)
+                (args.results / f"{name}.json").write_text(json.dumps(doc, indent=1))
+                png = args.out / f"{name}.png"
+                if png.exists() and png.stat().st_mtime + CLOCK_SLACK_S >= runs[name].started:
+                    shutil.copyfile(png, args.results / png.name)
+        else:
+            doc = committed(args.results, name)
+        if why is not None:
+            refused.append(why)
+            lines.append(f"- keeper: **not written**: {why}")
+        elif doc is None:
+            lines.append("- keeper: not run at this scale yet")
+        else:
+            lines.append(f"- keeper: {SUMMARIES[name](doc)} (run of {doc['report']['date']}, "
+                         f"`{' '.join(doc['report']['argv'])}`)")
         if name in NOTES:
             lines.append(f"- note: {NOTES[name]}")
-        png = OUT / f"{name}.png"
-        if png.exists():  # the plot goes into the repository beside RESULTS.md
-            RESULTS_DIR.mkdir(exist_ok=True)
-            shutil.copyfile(png, RESULTS_DIR / png.name)
-            lines += ["", f"![{name}](results/{png.name})"]
-        lines += ["", f"Raw samples: `bench/out/{name}.json` (written by the bench).", ""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
-    print(f"wrote {HERE / 'RESULTS.md'}")
+        if doc is not None and (args.results / f"{name}.png").exists():
+            lines += ["", f"![{name}](results/{name}.png)"]
+        if doc is not None:
+            lines += ["", f"Raw samples: `bench/results/{name}.json`."]
+        lines.append("")
+    args.md.write_text("\n".join(lines))
+    print(f"wrote {args.md}")
+    for why in refused:
+        print(f"refused: {why}", file=sys.stderr)
+    if refused:
+        print(f"{len(refused)} section(s) not written: "
+              f"{', '.join(w.split(':')[0] for w in refused)}", file=sys.stderr)
+        return 1
     return 0
 
 
