@@ -10,6 +10,7 @@ network namespaces), the stand-in for Xen's inter-domain control channel:
     POST /commit                      the move succeeded: drop everything silently, exit
     POST /restore   (checkpoint body) rebuild sessions, sockets in repair mode
     POST /resume                      leave repair, announce, serve
+    POST /confirm                     the move is settled: outlive the agent from now on
     POST /hold      {on}              hold the guest's input here (QEMU migrations)
     POST /announce                    one gratuitous ARP now
 """

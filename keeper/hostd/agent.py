@@ -54,7 +54,8 @@ class DomrEntry:
     proc: subprocess.Popen[bytes] | None
     announce: bool = True
     announce_schedule: str = DEFAULT_SCHEDULE
-    state: str = "starting"  # starting | incoming | restored | running | moving
+    state: str = "starting"  # starting | incoming | restored | resuming | running | moving
+    epoch: int = 0  # of its checkpoint lineage: each dump is one more (keeper.domr.checkpoint)
     created: float = field(default_factory=time.time)
     r_domid: int | None = None  # its domain in the hypervisor (guest consoles only)
     hc: HypercallServer | None = None

@@ -4,10 +4,14 @@
 next time the agent passes it, the request fails (a clean error, the migration rolls
 back) or the agent process dies on the spot (exit 70), as a crashed host would.
 `"kill_guest"` kills the guest's QEMU there (a QEMU guest, at associate, evtchns or
-guest_resume on the target) and carries on. `{"point": ACTION, "action": "cancel"}`
-(ACTION one of keeper.migrate.sync.Action's names) cancels the next migration run
-from this host just after it launched that action: the rollback a cancelled
-migration must do, drilled at every step.
+guest_resume on the target) and carries on; `"kill_domr"` kills the Domain R
+process there (SIGKILL: at link_up or resumed on the target) and carries on.
+`{"point": ACTION, "action": "cancel"}` (ACTION one of keeper.migrate.sync.Action's
+names) cancels the next migration run from this host just after it launched that
+action: the rollback a cancelled migration must do, drilled at every step. On the
+source, `{"point": ACTION, "action": "crash" | "kill_domr"}` kills this agent, or the
+migrating guest's Domain R here, just after the run launched ACTION (the window
+after Domain U resumed on the target, docs/design.md).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from keeper.migrate.sync import Action
 
 log = logging.getLogger("keeper.hostd")
 
-ACTIONS = ("fail", "crash", "cancel", "kill_guest")
+ACTIONS = ("fail", "crash", "cancel", "kill_guest", "kill_domr")
 # where the agent checks for an armed fault, in the order a migration passes them
 POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "restored",
-          "guest_resume", "link_up")
+          "guest_resume", "guest_resumed", "link_up", "resumed")
 STEPS = tuple(a.name for a in Action)
+AT_STEP = ("cancel", "crash", "kill_domr")  # what a source's drill at a step may do
 
 
 @dataclass
@@ -37,6 +42,8 @@ class Drills:
         if action not in ACTIONS:
             raise BadRequest(f"fault action must be one of {', '.join(ACTIONS)}, not {action!r}")
         points = STEPS if action == "cancel" else POINTS
+        if point in STEPS and action in AT_STEP:
+            points = STEPS
         if point not in points:
             raise BadRequest(f"unknown fault point {point!r} for {action}; points: "
                              f"{', '.join(points)}")
@@ -45,20 +52,43 @@ class Drills:
 
     def take_cancel(self, action: str) -> bool:
         """True (once) if a cancel drill is armed at migration step `action`."""
-        if self.armed.get(action) == "cancel":
-            del self.armed[action]
-            return True
-        return False
+        return self.take_step(action) == "cancel"
 
-    def check(self, point: str, *, guest_pid: int | None = None) -> None:
+    def take_step(self, action: str) -> str | None:
+        """The drill armed at migration step `action` (once), if any."""
+        if self.armed.get(action) in AT_STEP:
+            return self.armed.pop(action)
+        return None
+
+    def check(self, point: str, *, guest_pid: int | None = None,
+              domr_pid: int | None = None) -> None:
         """Pass `point`: fail or crash if a drill is armed there (once); `kill_guest`
-        kills the guest's QEMU (`guest_pid`) and goes on, as a crashed VM would."""
+        kills the guest's QEMU (`guest_pid`) and goes on, as a crashed VM would;
+        `kill_domr` likewise Domain R's process (`domr_pid`)."""
         action = self.armed.pop(point, None)
         if action == "kill_guest" and guest_pid is not None:
             log.warning("fault drill: killing the guest (QEMU %d) at %s", guest_pid, point)
             os.kill(guest_pid, signal.SIGKILL)
+        if action == "kill_domr" and domr_pid is not None:
+            log.warning("fault drill: killing Domain R (%d) at %s", domr_pid, point)
+            kill(domr_pid)
         if action == "crash":
             log.warning("fault drill: crashing at %s", point)
             os._exit(70)
         if action == "fail":
             raise KeeperError(f"fault drill: failing at {point}")
+
+
+def kill(pid: int) -> None:
+    """SIGKILL a process of ours and wait until it is gone (a crash, not a stop)."""
+    import time
+
+    from keeper.hostd import procs
+
+    if not procs.is_ours(pid):
+        return
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if not procs.alive(pid):
+            return
+        time.sleep(0.01)

@@ -10,9 +10,11 @@ guest), a typed peer client for the target.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 
 from keeper.errors import KeeperError, MigrationError
-from keeper.hostd import metrics
+from keeper.hostd import drills, metrics
 from keeper.hostd.agent import HostAgent
 from keeper.hostd.guests import GuestEntry
 from keeper.hostd.qemu_guests import QemuGuestEntry
@@ -24,28 +26,24 @@ from keeper.migrate.sim import SimGuest
 from keeper.migrate.sync import Step
 from keeper.migrate.trace import Trace
 
+log = logging.getLogger("keeper.hostd")
+
 
 class BaselineServers:
     """The conventional baseline's servers: the guest's VNC/SSH/console servers in Dom0
     (this agent's namespace, the host's address). They do not move: on a migration
-    they stop here and fresh ones start on the target (implements plans.Servers)."""
+    they serve the source guest until it is destroyed (reading input into its rings
+    while it is stopped; after the final copy that input is lost), then end here;
+    fresh ones start on the target (implements plans.Servers)."""
 
     def __init__(self, agent: HostAgent, name: str, target: str) -> None:
         self.agent, self.name, self.target = agent, name, target
-        self._stopped = False  # set before the stop that may be cancelled midway
 
     async def stop(self) -> None:
-        self._stopped = True
         await self.agent.stop_domr(self.name)  # the sessions end here
 
     async def start_on_target(self) -> None:
         await self.agent.peer(self.target).baseline_server(self.name)
-
-    async def restart(self) -> None:
-        """Rollback: the guest stays here, so do its servers, freshly started."""
-        if self._stopped and self.name not in self.agent.domrs:
-            await self.agent.start_baseline_servers(self.name)
-        self._stopped = False
 
 
 class QemuConsoles:
@@ -56,16 +54,12 @@ class QemuConsoles:
     exits at COMMIT. So, as under libvirt or OpenStack, a client stays connected to
     the source through the stop-and-copy (keys it types while the VM is stopped are
     dropped by QEMU) until the source QEMU is destroyed, then must find the new host.
-    `stop` and `start_on_target` only mark those points; a rollback has nothing to
-    restart (the source's consoles never closed)."""
+    `stop` and `start_on_target` only mark those points."""
 
     async def stop(self) -> None:
         return None
 
     async def start_on_target(self) -> None:
-        return None
-
-    async def restart(self) -> None:
         return None
 
 
@@ -78,8 +72,12 @@ def domr_link(agent: HostAgent, name: str, target: str, *, guest: bool) -> DomrL
     async def set_link(up: bool) -> None:
         await agent.set_link(name, up=up)
 
+    def on_epoch(epoch: int) -> None:
+        entry.epoch = epoch
+
     return DomrLink(req, entry.control, agent.peer(target), set_link=set_link,
-                    forget=lambda: agent.forget_domr(name))
+                    forget=lambda: agent.forget_domr(name), epoch=entry.epoch,
+                    on_epoch=on_epoch)
 
 
 def guest_migrator(agent: HostAgent, name: str, target: str,
@@ -119,13 +117,25 @@ def qemu_migrator(agent: HostAgent, name: str, target: str,
 
 def _cancel_drill(agent: HostAgent, plan: CoMigration | SoloMigration) -> list[str]:
     """Cancel this run just after it launches an action armed with a cancel drill;
-    the returned list names that action once it happened."""
+    the returned list names that action once it happened. A `crash` drill at a step
+    kills this agent there (before the action's request leaves), `kill_domr` the
+    guest's Domain R here (SIGKILL), and the run goes on."""
     fired: list[str] = []
     task = asyncio.current_task()
 
     def hook(step: Step) -> None:
         for action in step.start:
-            if not fired and task is not None and agent.drills.take_cancel(action.name):
+            drill = agent.drills.take_step(action.name)
+            if drill == "crash":
+                log.warning("fault drill: crashing at %s", action.name)
+                os._exit(70)
+            if drill == "kill_domr":
+                r = agent.domrs.get(plan.name)
+                if r is not None and r.proc is not None:
+                    log.warning("fault drill: killing Domain R (%d) at %s", r.proc.pid,
+                                action.name)
+                    drills.kill(r.proc.pid)
+            if drill == "cancel" and not fired and task is not None:
                 fired.append(action.name)
                 # after the action's first step has run: cancelled in the middle of it
                 asyncio.get_running_loop().call_soon(task.cancel)

@@ -25,6 +25,10 @@ class AgentTarget:
 
     def __init__(self, agent: HostAgent) -> None:
         self.agent = agent
+        # guests resumed here by a migration whose Domain R has not settled yet: a
+        # rollback may still discard them (their run is invisible until R serves)
+        self.provisional: set[str] = set()
+        self.fenced: dict[str, int] = {}  # Domain R name -> the epoch refused here
 
     def identity(self) -> dict[str, Any]:
         return {"host": self.agent.host.name, "mgmt_ip": self.agent.host.mgmt_ip}
@@ -143,13 +147,19 @@ class AgentTarget:
         return {"ports": links.unbound}
 
     async def resume_guest(self, name: str) -> dict[str, Any]:
+        async with self._lock(name):  # ordered against a cancel that discards it
+            return await self._resume_guest(name)
+
+    async def _resume_guest(self, name: str) -> dict[str, Any]:
         if name in self.agent.qemu.entries:
             return await self._resume_qemu(name)
         entry = self.agent.guests.get(name)
         if not entry.evtchns_ready:  # S6: never before the channels are back
             raise KeeperError(f"guest {entry.name}: event channels not re-established")
         self.agent.drills.check("guest_resume")
+        self.provisional.add(name)  # before it runs: a cancel from here on removes it
         await self.agent.guests.go(entry)
+        self.agent.drills.check("guest_resumed")  # U runs here; the answer not yet sent
         return {"resumed": entry.name}
 
     async def _resume_qemu(self, name: str) -> dict[str, Any]:
@@ -165,17 +175,23 @@ class AgentTarget:
         if q.baseline is None:  # Domain R's link is there before the VM runs
             await q.wait_console_client()
         # (the baseline's clients find this host only after the source QEMU is gone)
+        self.provisional.add(name)
         await q.machine.cont()
         q.state = "running"
+        self.agent.drills.check("guest_resumed", guest_pid=q.machine.pid)
         return {"resumed": name, "status": await q.machine.status()}
 
     async def cancel_guest(self, name: str) -> dict[str, Any]:
         async with self._lock(name):
+            # a guest that already ran here is removed too while its migration has
+            # not settled: nothing of its run left this host (R never served it)
+            provisional = name in self.provisional
+            self.provisional.discard(name)
             entry = self.agent.guests.entries.get(name)
-            if entry is not None and entry.state == "incoming":
+            if entry is not None and (entry.state == "incoming" or provisional):
                 await self.agent.guests.destroy(name)
             q = self.agent.qemu.entries.get(name)
-            if q is not None and q.state == "incoming":
+            if q is not None and (q.state == "incoming" or provisional):
                 await self.agent.qemu.destroy(name)
         return {"cancelled": name}
 
@@ -202,37 +218,74 @@ class AgentTarget:
                            kind=req.kind)
         return {"ready": req.name}
 
-    async def restore_domr(self, name: str, checkpoint: bytes) -> dict[str, Any]:
+    async def restore_domr(self, name: str, checkpoint: bytes,
+                           epoch: int = 0) -> dict[str, Any]:
         a = self.agent
         entry = a.domr(name)
         if entry.state != "incoming":
             raise KeeperError(f"Domain R {entry.name} is {entry.state}, not incoming")
+        if self.fenced.get(name, -1) >= epoch:  # a replayed, older checkpoint
+            raise KeeperError(f"Domain R {name}: epoch {epoch} was fenced here")
         a.drills.check("restore")
         t0 = time.monotonic()
         restored = await entry.control.call("POST", "/restore", data=checkpoint)
         a.drills.check("restored")
         entry.state = "restored"
+        entry.epoch = epoch
         return {"sessions": restored["sessions"], "restore_ms": restored["restore_ms"],
-                "restore_call_ms": (time.monotonic() - t0) * 1e3}
+                "restore_call_ms": (time.monotonic() - t0) * 1e3, "epoch": epoch}
 
     async def resume_domr(self, name: str) -> dict[str, Any]:
+        """R leaves repair mode here. Under the guest's lock, so that `settle_domr`
+        sees it either not started or finished (its compare-and-set)."""
         a = self.agent
-        entry = a.domr(name)
-        if entry.state != "restored":
-            raise KeeperError(f"Domain R {entry.name} is {entry.state}, not restored")
-        t1 = time.monotonic()
-        await a.set_link(entry.name, up=True)  # the source's link is down already
-        a.drills.check("link_up")
-        t2 = time.monotonic()
-        await entry.control.call("POST", "/resume")
-        entry.state = "running"
-        return {"link_up_ms": (t2 - t1) * 1e3, "resume_ms": (time.monotonic() - t2) * 1e3}
+        async with self._lock(name):
+            entry = a.domr(name)
+            if entry.state != "restored":
+                raise KeeperError(f"Domain R {entry.name} is {entry.state}, not restored")
+            entry.state = "resuming"  # before the link goes up: settle fences it then
+            pid = entry.proc.pid if entry.proc is not None else None
+            t1 = time.monotonic()
+            await a.set_link(entry.name, up=True)  # the source's link is down already
+            a.drills.check("link_up", domr_pid=pid)
+            t2 = time.monotonic()
+            await entry.control.call("POST", "/resume")
+            entry.state = "running"
+            a.drills.check("resumed", domr_pid=pid)  # serving; the answer not yet sent
+            return {"link_up_ms": (t2 - t1) * 1e3,
+                    "resume_ms": (time.monotonic() - t2) * 1e3}
+
+    async def settle_domr(self, name: str) -> dict[str, Any]:
+        """The arbitration of the window (docs/design.md): after RESUME_R, whatever
+        its answer was, the source asks this once. A Domain R that serves here (it
+        left repair mode and its process lives) is confirmed: it and its guest are
+        this host's now, R outlives this agent from here on. Anything else of that
+        name is fenced: link down, process stopped, its epoch refused from then on,
+        so the source may safely serve again with its own copy. Idempotent; the
+        lock orders it against a resume still running."""
+        a = self.agent
+        async with self._lock(name):
+            entry = a.domrs.get(name)
+            if entry is not None and entry.state == "running" and entry.proc is not None \
+                    and entry.proc.poll() is None:
+                await entry.control.call("POST", "/confirm", timeout=10)
+                self.provisional.discard(name)
+                return {"state": "resumed", "epoch": entry.epoch}
+            epoch = entry.epoch if entry is not None else -1
+            if entry is not None and entry.state in ("incoming", "restored", "resuming",
+                                                     "running"):
+                await self._fence(name, epoch)
+            return {"state": "fenced", "epoch": epoch}
+
+    async def _fence(self, name: str, epoch: int) -> None:
+        self.fenced[name] = max(epoch, self.fenced.get(name, -1))
+        await self.agent.set_link(name, up=False)
+        await self.agent.stop_domr(name)
 
     async def cancel_domr(self, name: str) -> dict[str, Any]:
         a = self.agent
         async with self._lock(name):
             entry = a.domrs.get(name)
-            if entry is not None and entry.state in ("incoming", "restored"):
-                await a.set_link(name, up=False)
-                await a.stop_domr(name)
+            if entry is not None and entry.state in ("incoming", "restored", "resuming"):
+                await self._fence(name, entry.epoch)
         return {"cancelled": name}

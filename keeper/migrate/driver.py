@@ -9,6 +9,10 @@ asks for under the rollback deadlines, and is then still cancelled: cancellation
 never swallowed, and rollback is never skipped. Once the point of no return is in
 flight (the target may already run the guest) a cancel waits: the migration is
 finished forward, and the driver is cancelled after that.
+
+An action that cannot tell whether it took effect raises `Undecided`; for the point
+of no return so does its timeout (it may have run on the target): the core then
+keeps every source copy and rolls nothing back (keeper.migrate.sync, rule 4).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keeper.errors import MigrationError
 from keeper.migrate.sync import ROLLBACK, TABLES, Action, Core, Outcome, Step
 from keeper.migrate.trace import Trace
 
@@ -27,6 +32,10 @@ log = logging.getLogger("keeper.migrate")
 ActionFn = Callable[[], Awaitable[Any]]
 DEFAULT_DEADLINE = 60.0
 ROLLBACK_DEADLINE = 15.0
+
+
+class Undecided(MigrationError):
+    """The action may or may not have taken effect (its answer was lost)."""
 
 
 @dataclass
@@ -70,7 +79,9 @@ async def drive(core: Core, actions: Mapping[Action, ActionFn], trace: Trace, *,
         action = tasks.pop(task)
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
         if exc is not None:
-            return core.failed(action, _why(exc))
+            no_return = TABLES[core.plan].no_return
+            undecided = action is no_return and isinstance(exc, Undecided | TimeoutError)
+            return core.failed(action, _why(exc), undecided=undecided)
         return core.done(action, bool(task.result()) if action is Action.ITERATE else None)
 
     step = core.start()

@@ -14,9 +14,11 @@ wrong type is a 400 naming it. Paths are built only by `Paths`.
   resume_guest(name)              ->   U runs there (never before S6)
   cancel_guest(name)              ->   drop a half-made U (idempotent)
   prepare_domr(PrepareDomr)       ->   the twin Domain R, link down, empty
-  restore_domr(name, checkpoint)  ->   sessions restored, sockets in repair mode
+  restore_domr(name, ckpt, epoch) ->   sessions restored, sockets in repair mode
   resume_domr(name)               ->   link up, repair off, announce, serve
   cancel_domr(name)               ->   drop a half-made twin (idempotent)
+  settle_domr(name)               ->   after RESUME_R: "resumed" (confirmed, B's now)
+                                       or "fenced" (B's R gone, its epoch refused)
   baseline_server(name)           ->   the baseline: fresh servers for U there
 """
 
@@ -35,6 +37,7 @@ from keeper.http import Http
 
 RESTORE_TIMEOUT = 60.0
 CANCEL_TIMEOUT = 10.0
+SETTLE_TIMEOUT = 15.0
 PAGES_TIMEOUT = 600.0
 
 
@@ -87,6 +90,7 @@ class Paths:
     restore_domr = staticmethod(lambda name: f"/peer/domr/{name}/restore")
     resume_domr = staticmethod(lambda name: f"/peer/domr/{name}/resume")
     cancel_domr = staticmethod(lambda name: f"/peer/domr/{name}/cancel")
+    settle_domr = staticmethod(lambda name: f"/peer/domr/{name}/settle")
     status = "/status"
 
 
@@ -125,15 +129,19 @@ class PeerClient:
     async def prepare_domr(self, req: PrepareDomr) -> dict[str, Any]:
         return await self.http.call("POST", Paths.prepare_domr, json=asdict(req), timeout=30)
 
-    async def restore_domr(self, name: str, checkpoint: bytes) -> dict[str, Any]:
-        return await self.http.call("POST", Paths.restore_domr(name), data=checkpoint,
-                                    timeout=RESTORE_TIMEOUT)
+    async def restore_domr(self, name: str, checkpoint: bytes,
+                           epoch: int = 0) -> dict[str, Any]:
+        return await self.http.call("POST", f"{Paths.restore_domr(name)}?epoch={epoch}",
+                                    data=checkpoint, timeout=RESTORE_TIMEOUT)
 
     async def resume_domr(self, name: str) -> dict[str, Any]:
         return await self.http.call("POST", Paths.resume_domr(name))
 
     async def cancel_domr(self, name: str) -> dict[str, Any]:
         return await self.http.call("POST", Paths.cancel_domr(name), timeout=CANCEL_TIMEOUT)
+
+    async def settle_domr(self, name: str) -> dict[str, Any]:
+        return await self.http.call("POST", Paths.settle_domr(name), timeout=SETTLE_TIMEOUT)
 
 
 class Target(Protocol):
@@ -149,9 +157,11 @@ class Target(Protocol):
     async def cancel_guest(self, name: str) -> dict[str, Any]: ...
     async def baseline_server(self, name: str) -> dict[str, Any]: ...
     async def prepare_domr(self, req: PrepareDomr) -> dict[str, Any]: ...
-    async def restore_domr(self, name: str, checkpoint: bytes) -> dict[str, Any]: ...
+    async def restore_domr(self, name: str, checkpoint: bytes,
+                           epoch: int = 0) -> dict[str, Any]: ...
     async def resume_domr(self, name: str) -> dict[str, Any]: ...
     async def cancel_domr(self, name: str) -> dict[str, Any]: ...
+    async def settle_domr(self, name: str) -> dict[str, Any]: ...
     def identity(self) -> dict[str, Any]: ...
 
 
@@ -204,8 +214,12 @@ def routes(target: Target, guarded: Callable[[control.Handler], control.Handler]
     @r.post(Paths.restore_domr("{name}"))
     @guarded
     async def restore(request: web.Request) -> web.StreamResponse:
+        try:
+            epoch = int(request.query.get("epoch", "0"))
+        except ValueError:
+            raise BadRequest("epoch must be an integer") from None
         return web.json_response(await target.restore_domr(request.match_info["name"],
-                                                           await request.read()))
+                                                           await request.read(), epoch))
 
     r.post(Paths.associate("{name}"))(named(target.associate))
     r.post(Paths.resume_guest("{name}"))(named(target.resume_guest))
@@ -213,7 +227,23 @@ def routes(target: Target, guarded: Callable[[control.Handler], control.Handler]
     r.post(Paths.baseline_server("{name}"))(named(target.baseline_server))
     r.post(Paths.resume_domr("{name}"))(named(target.resume_domr))
     r.post(Paths.cancel_domr("{name}"))(named(target.cancel_domr))
+    r.post(Paths.settle_domr("{name}"))(named(target.settle_domr))
     return r
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether `exc` (a KeeperError from keeper.http) is a connection refused: the
+    peer's host answers but no agent listens there, its agent is gone (and, in this
+    lab, everything it ran: guests and unconfirmed Domain Rs die with it)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        os_error = getattr(cause, "os_error", None)
+        if isinstance(os_error, ConnectionRefusedError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _same_name(request: web.Request, name: str) -> None:

@@ -28,9 +28,9 @@ time; an arrow is one manager waiting on the other; "…" marks the trace.
     LINK_U  (B binds U's channels to the same ports)
     S6  U may not resume before this
        └──────── U's memory complete on B ──► S7 RESTORE_R  (re-map R's pages, sockets)
-    RESUME_U ◄──────── R is restored ─────────────┘     ← done: the point of no return
+    RESUME_U ◄──────── R is restored ─────────────┘
       … U resumed  ───────────────────────────► RESUME_R  (link up, ARP, serve)
-                                                 … R resumed
+                                                 … R resumed  ← the point of no return
                                                COMMIT  (release the source copies)
                                                  … source released
 
@@ -44,10 +44,14 @@ DOMR_MOVE (a Domain R alone, no U): PREPARE_R … prepared → STOP_R
 COMMIT … source_released. The driver may add "link_down" inside STOP_R itself.
 Its point of no return is RESUME_R's completion: then B serves with R's IP and MAC.
 
-SOLO (the conventional baseline): CREATE_U … U created on target → ITERATE until
-converged → STOP_SERVERS … servers stopped → STOP_U … U stopped → FINAL_COPY →
-LINK_U → RESUME_U … U resumed → START_SERVERS … servers started → COMMIT … source
-released. Point of no return: RESUME_U's completion.
+SOLO (the conventional baseline, in the paper's order): CREATE_U … U created on
+target → ITERATE until converged → STOP_U … U stopped → FINAL_COPY … final copy →
+LINK_U → RESUME_U … U resumed → START_SERVERS … servers started → STOP_SERVERS …
+servers stopped → COMMIT … source released. The source's servers (Dom0's) run
+through all of it: they keep reading clients' input into the stopped U's devices
+until the source domain is destroyed, and whatever they read after the final copy
+is lost. Point of no return: RESUME_U's completion (the servers never stopped
+before it, so a rollback only unpauses U).
 
 Marks. A "stopped"/"quiesced" mark comes with the action that stops (the driver
 records a Step's marks before it launches the Step's actions, so the mark is the
@@ -71,23 +75,23 @@ Rollback, which cannot be skipped:
   3. If the point of no return has not completed, it then issues every rollback
      action that applies, each exactly once:
         CANCEL_TARGET    if CREATE_U or PREPARE_R was issued (B's half-made pair)
-        UNPAUSE_U        if STOP_U was issued; if RESUME_U was issued (and failed),
+        UNPAUSE_U        if STOP_U was issued; if RESUME_U was issued (U may run on B),
                          only after CANCEL_TARGET has reported
         RESTART_R        if STOP_R was issued, after UNPAUSE_U has reported
-        RESTART_SERVERS  if STOP_SERVERS was issued, after UNPAUSE_U has reported
-     R and the servers come back after U runs again because a stopped QEMU guest
-     drops the input they would pass on (the same reason RESUME_R follows
-     RESUME_U). Otherwise CANCEL_TARGET runs alongside, so nothing waits for an
-     unreachable target. A failing rollback action is recorded in `errors` and
-     does not stop the others; when all have reported the core finishes
-     ROLLED_BACK.
-  4. Once the point of no return has completed (U runs on B), nothing is rolled
-     back: the core finishes FAILED_AFTER_RESUME for the reliability work to
-     handle. A failure of RESUME_U itself is rolled back: the target said no,
-     or died (its guest dies with its agent), and CANCEL_TARGET removes what is
-     left before U runs here again. What stays open is the answer lost after B
-     resumed U (a partition at that instant): the window that the reliability
-     work's arbitration closes.
+     R comes back after U runs again because a stopped QEMU guest drops the input
+     it would pass on (the same reason RESUME_R follows RESUME_U). Otherwise
+     CANCEL_TARGET runs alongside, so nothing waits for an unreachable target. A
+     failing rollback action is recorded in `errors` and does not stop the others;
+     when all have reported the core finishes ROLLED_BACK.
+  4. Once the point of no return has completed, nothing is rolled back: the core
+     finishes FAILED_AFTER_RESUME. In COMIGRATION that point is RESUME_R, not
+     RESUME_U: Domain U has no outside effect but through its Domain R, and B's R
+     sends nothing before it leaves repair mode, so a U that already ran on B is
+     still discarded (CANCEL_TARGET) before U runs here again. A failure of
+     RESUME_R means, by its contract, that B's R of this epoch is fenced and will
+     never serve (keeper.migrate.domr settles it with the target); when the driver
+     cannot learn that, it reports the failure `undecided` and the core finishes
+     FAILED_AFTER_RESUME with every source copy kept (docs/design.md, the window).
 
 Driver contract, in this order:
   1. `core = Core(plan)`; `step = core.start()`.
@@ -125,7 +129,7 @@ class SyncError(ProtocolError):
 class Plan(enum.Enum):
     COMIGRATION = "comigration"  # MM_U + MM_R, the seven points
     DOMR_MOVE = "domr_move"  # a Domain R alone
-    SOLO = "solo"  # the baseline: U alone, its servers stop here and start there
+    SOLO = "solo"  # the baseline: U alone, its servers end here with it, start there
 
 
 class Point(enum.Enum):
@@ -152,14 +156,13 @@ class Action(enum.Enum):
     SAVE_LINKS = "SAVE_LINKS"  # save the event-channel pairs / device-link state
     RESTORE_R = "RESTORE_R"  # target: re-map R's pages, restore its sockets
     RESUME_R = "RESUME_R"  # target: R's link up, gratuitous ARP, serve
-    STOP_SERVERS = "STOP_SERVERS"  # SOLO: the source's servers stop (clients cut off)
+    STOP_SERVERS = "STOP_SERVERS"  # SOLO: the source's servers end with it (cut off)
     START_SERVERS = "START_SERVERS"  # SOLO: fresh servers on the target
     COMMIT = "COMMIT"  # release the source copies
     # rollback
     CANCEL_TARGET = "CANCEL_TARGET"  # remove the target's half-made pair
     UNPAUSE_U = "UNPAUSE_U"  # source: U runs again
     RESTART_R = "RESTART_R"  # source: R's link up, sockets out of repair, serve
-    RESTART_SERVERS = "RESTART_SERVERS"  # SOLO: the source's servers start again
 
 
 class Outcome(enum.Enum):
@@ -261,7 +264,10 @@ TABLES: dict[Plan, Table] = {
             _undo(A.UNPAUSE_U, A.STOP_U, after_if=((A.RESUME_U, A.CANCEL_TARGET),)),
             _undo(A.RESTART_R, A.STOP_R, after=(A.UNPAUSE_U,)),
         ),
-        no_return=A.RESUME_U,
+        # Not RESUME_U: U has no outside effect but through R, and B's R sends
+        # nothing before it leaves repair mode (RESUME_R), so until then B's run of U
+        # is invisible and the copies kept here are exact (docs/design.md, the window)
+        no_return=A.RESUME_R,
         last=A.COMMIT,
     ),
     Plan.DOMR_MOVE: Table(
@@ -285,19 +291,21 @@ TABLES: dict[Plan, Table] = {
         rules=(
             _rule(A.CREATE_U, on_done=("U created on target",)),
             _rule(A.ITERATE, A.CREATE_U, until=Fact.U_READY),
-            _rule(A.STOP_SERVERS, Fact.U_READY, on_issue=("servers stopped",)),
-            _rule(A.STOP_U, A.STOP_SERVERS, on_issue=("U stopped",)),
-            _rule(A.FINAL_COPY, A.STOP_U),
+            # the source's servers go on reading input into the stopped U's devices
+            # until the source domain is destroyed: what they read after the final
+            # copy is lost (the paper's baseline, §5.1)
+            _rule(A.STOP_U, Fact.U_READY, on_issue=("U stopped",)),
+            _rule(A.FINAL_COPY, A.STOP_U, on_done=("final copy",)),
             _rule(A.LINK_U, A.FINAL_COPY),
             _rule(A.RESUME_U, A.LINK_U, on_done=("U resumed",)),
             _rule(A.START_SERVERS, A.RESUME_U, on_done=("servers started",)),
-            _rule(A.COMMIT, A.START_SERVERS, on_done=("source released",)),
+            _rule(A.STOP_SERVERS, A.START_SERVERS, on_issue=("servers stopped",)),
+            _rule(A.COMMIT, A.STOP_SERVERS, on_done=("source released",)),
         ),
         undo=(
             _undo(A.CANCEL_TARGET, A.CREATE_U),
             # if RESUME_U was issued and failed, B's U must be gone before U runs here
             _undo(A.UNPAUSE_U, A.STOP_U, after_if=((A.RESUME_U, A.CANCEL_TARGET),)),
-            _undo(A.RESTART_SERVERS, A.STOP_SERVERS, after=(A.UNPAUSE_U,)),
         ),
         no_return=A.RESUME_U,
         last=A.COMMIT,
@@ -352,6 +360,7 @@ class Core:
     rounds: int = 0  # ITERATE rounds issued
     errors: list[str] = field(default_factory=list)  # the cause first
     outcome: Outcome | None = None
+    doubtful: list[Action] = field(default_factory=list)  # failed undecided (may have run)
     poison: str = ""  # why the core refuses every event; "" while healthy
 
     # -- events ------------------------------------------------------------------------
@@ -385,10 +394,17 @@ class Core:
         self._advance(out)
         return out.step(self)
 
-    def failed(self, action: Action, error: str) -> Step:
-        """`action` failed (or timed out, or the driver cancelled it)."""
-        self._check_report(f"failed({action.name})", action)
+    def failed(self, action: Action, error: str, *, undecided: bool = False) -> Step:
+        """`action` failed (or timed out, or the driver cancelled it). `undecided`: the
+        driver cannot tell whether it took effect (only for the point of no return:
+        then it may have, and nothing is rolled back)."""
+        event = f"failed({action.name})"
+        self._check_report(event, action)
+        self._check(event, not undecided or action is self._table.no_return,
+                    "only the point of no return can be undecided")
         out = _Out()
+        if undecided:
+            self.doubtful.append(action)
         self._fail(action, error, out)
         self._advance(out)
         return out.step(self)
@@ -400,6 +416,8 @@ class Core:
         if not self.running:
             self._error("cancelled", out)
         for action in list(self.running):
+            if action is self._table.no_return:  # cut midway: it may have taken effect
+                self.doubtful.append(action)
             self._fail(action, "cancelled", out)
         if self.phase is Phase.FORWARD:
             self.phase = Phase.DRAINING
@@ -478,7 +496,7 @@ class Core:
         if self.phase is Phase.DRAINING:
             if self.running:
                 return
-            if table.no_return in self.completed:
+            if table.no_return in self.completed or table.no_return in self.doubtful:
                 self._finish(Outcome.FAILED_AFTER_RESUME, out)
                 return
             self.phase = Phase.ROLLING_BACK

@@ -160,14 +160,15 @@ async def test_destination_agent_dies_and_everything_goes_on_at_the_source(
 
 
 BEFORE_NO_RETURN = ["CREATE_U", "PREPARE_R", "ITERATE", "ASSOCIATE", "STOP_R", "STOP_U",
-                    "SAVE_LINKS", "FINAL_COPY", "LINK_U", "RESTORE_R"]
+                    "SAVE_LINKS", "FINAL_COPY", "LINK_U", "RESTORE_R", "RESUME_U"]
 
 
 async def test_cancelled_at_every_step_the_pair_serves_on_at_the_source(lab: LabSpec) -> None:
     """The source's migration task is cancelled just after it launches each action in
     turn (in the middle of that action): every time, the rollback runs, the pair goes
-    on at a, and nothing typed is lost. Cancelled once the target may run the guest
-    (RESUME_U in flight), the migration finishes forward instead."""
+    on at a, and nothing typed is lost — RESUME_U included: a U that ran on b is
+    discarded, its Domain R never served. Cancelled once b's Domain R may serve
+    (RESUME_R in flight), the migration finishes forward instead."""
     typist, stop, task, before = await start(lab, mem_mb=32)
     await asyncio.sleep(0.3)
     for action in BEFORE_NO_RETURN:
@@ -178,7 +179,7 @@ async def test_cancelled_at_every_step_the_pair_serves_on_at_the_source(lab: Lab
         assert await ops.where(lab, GUEST) == "a", action
         await asyncio.sleep(0.2)  # typing goes on, on host a
     await ops.call(lab, "a", "POST", "/debug/fault",
-                   json={"point": "RESUME_U", "action": "cancel"})
+                   json={"point": "RESUME_R", "action": "cancel"})
     with pytest.raises(KeeperError, match="cancelled"):
         await ops.migrate(lab, GUEST, "b")
     for _ in range(20):

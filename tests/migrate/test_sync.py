@@ -27,12 +27,12 @@ from keeper.migrate.sync import Action, Core, Outcome, Plan, Point, Step, SyncEr
 
 A = Action
 POINTS = [p.value for p in Point]
-ROLLBACK = {A.CANCEL_TARGET, A.UNPAUSE_U, A.RESTART_R, A.RESTART_SERVERS}
+ROLLBACK = {A.CANCEL_TARGET, A.UNPAUSE_U, A.RESTART_R}
 FORWARD = set(Action) - ROLLBACK
 # A rollback action undoes what any of these changed (issued, not necessarily done).
 UNDOES = {A.CANCEL_TARGET: {A.CREATE_U, A.PREPARE_R}, A.UNPAUSE_U: {A.STOP_U},
-          A.RESTART_R: {A.STOP_R}, A.RESTART_SERVERS: {A.STOP_SERVERS}}
-NO_RETURN = {Plan.COMIGRATION: A.RESUME_U, Plan.SOLO: A.RESUME_U, Plan.DOMR_MOVE: A.RESUME_R}
+          A.RESTART_R: {A.STOP_R}}
+NO_RETURN = {Plan.COMIGRATION: A.RESUME_R, Plan.SOLO: A.RESUME_U, Plan.DOMR_MOVE: A.RESUME_R}
 FORWARD_OF = {
     Plan.COMIGRATION: {A.CREATE_U, A.PREPARE_R, A.ITERATE, A.ASSOCIATE, A.STOP_R, A.STOP_U,
                        A.SAVE_LINKS, A.FINAL_COPY, A.LINK_U, A.RESTORE_R, A.RESUME_U,
@@ -71,13 +71,13 @@ BEFORE: dict[Plan, dict[str, set[str]]] = {
     },
     Plan.SOLO: {
         "issue ITERATE": {"done CREATE_U"},
-        "issue STOP_SERVERS": {"converged"},
-        "issue STOP_U": {"done STOP_SERVERS"},
+        "issue STOP_U": {"converged"},
         "issue FINAL_COPY": {"done STOP_U"},
         "issue LINK_U": {"done FINAL_COPY"},
         "issue RESUME_U": {"done LINK_U"},
         "issue START_SERVERS": {"done RESUME_U"},
-        "issue COMMIT": {"done START_SERVERS"},
+        "issue STOP_SERVERS": {"done START_SERVERS"},  # the source's ran until now
+        "issue COMMIT": {"done STOP_SERVERS"},
     },
 }
 # Each trace mark (besides "start", the points and the end marks) and the event that
@@ -96,7 +96,8 @@ MARKS: dict[Plan, dict[str, tuple[str, Action]]] = {
     },
     Plan.SOLO: {
         "U created on target": ("done", A.CREATE_U), "servers stopped": ("issue", A.STOP_SERVERS),
-        "U stopped": ("issue", A.STOP_U), "U resumed": ("done", A.RESUME_U),
+        "U stopped": ("issue", A.STOP_U), "final copy": ("done", A.FINAL_COPY),
+        "U resumed": ("done", A.RESUME_U),
         "servers started": ("done", A.START_SERVERS), "source released": ("done", A.COMMIT),
     },
 }
@@ -148,7 +149,8 @@ class Model:
         why = error if kind == "fail" else "cancelled"
         if not self.failed:
             self.failed = True
-            self.past_no_return = f"done {NO_RETURN[self.plan].name}" in self.log
+            self.past_no_return = f"done {NO_RETURN[self.plan].name}" in self.log or (
+                kind == "cancel" and NO_RETURN[self.plan] in self.in_flight)  # cut midway
         if not failing:
             self.expect_errors.append("cancelled")
         for a in failing:
@@ -204,7 +206,7 @@ class Model:
             assert a is A.ITERATE or a not in self.issued, f"{a.name} issued twice"
             assert before.get(f"issue {a.name}", set()) <= set(self.log), (a, self.log)
             if a is A.ITERATE:
-                assert "mark S2" not in self.log and A.STOP_SERVERS not in self.issued
+                assert "mark S2" not in self.log and A.STOP_U not in self.issued
             if a is A.STOP_U:
                 assert A.ITERATE not in self.in_flight
             return
@@ -213,7 +215,7 @@ class Model:
         assert not set(self.in_flight) & FORWARD, f"{a.name} while {self.in_flight} run"
         assert a not in self.issued, f"{a.name} issued twice"
         assert UNDOES[a] & set(self.issued), f"{a.name} undoes nothing"
-        if a in (A.RESTART_R, A.RESTART_SERVERS) and A.STOP_U in self.issued:
+        if a is A.RESTART_R and A.STOP_U in self.issued:
             assert {"done UNPAUSE_U", "fail UNPAUSE_U"} & set(self.log), "restart before U runs"
         if a is A.UNPAUSE_U and A.RESUME_U in self.issued:  # B's U gone before U runs here
             assert {"done CANCEL_TARGET", "fail CANCEL_TARGET"} & set(self.log), \
@@ -243,7 +245,7 @@ class Model:
         if self.failed:
             assert self.marks[-1] == END_MARK[self.outcome]  # type: ignore[index]
         for stop, resume in (("U stopped", "U resumed"), ("R stopped", "R resumed"),
-                             ("quiesced", "resumed"), ("servers stopped", "servers started")):
+                             ("quiesced", "resumed"), ("servers started", "servers stopped")):
             if resume in self.marks:
                 assert self.marks.index(stop) < self.marks.index(resume)
 
@@ -328,7 +330,8 @@ def test_every_interleaving_without_failures_migrates_with_the_full_trace(
 
 def play(plan: Plan, script: str) -> Core:
     """Each line: `event -> actions started [=OUTCOME] | marks, comma separated`.
-    Events: start, done ACTION, done ITERATE converged|dirty, fail ACTION why, cancel.
+    Events: start, done ACTION, done ITERATE converged|dirty, fail ACTION why,
+    undecided ACTION why (a failure that may have taken effect), cancel.
     The core is checkpointed and restored after every line."""
     core = Core(plan)
     for line in filter(str.strip, textwrap.dedent(script).splitlines()):
@@ -346,10 +349,10 @@ def play(plan: Plan, script: str) -> Core:
         elif words[0] == "done":
             step = core.done(Action[words[1]])
         else:
-            assert words[0] == "fail", line
+            assert words[0] in ("fail", "undecided"), line
             why = " ".join(words[2:])
             errors = (f"{words[1]}: {why}",)
-            step = core.failed(Action[words[1]], why)
+            step = core.failed(Action[words[1]], why, undecided=words[0] == "undecided")
         tokens = want_start.split()
         outcome = next((Outcome[t[1:]] for t in tokens if t.startswith("=")), None)
         want = Step(start=tuple(Action[t] for t in tokens if not t.startswith("=")),
@@ -441,9 +444,11 @@ def test_a_failure_waits_for_the_actions_in_flight_before_rolling_back() -> None
     """)
 
 
-def test_after_resume_u_has_completed_nothing_is_rolled_back() -> None:
-    """A failing RESUME_U rolls back, B's copy cancelled before U runs here again;
-    once U runs on B, nothing is rolled back."""
+def test_after_resume_r_has_completed_nothing_is_rolled_back() -> None:
+    """A failing RESUME_U rolls back, B's copy cancelled before U runs here again; so
+    does a failing RESUME_R (B's R fenced: it never served, U's run on B is invisible)
+    though U already ran on B; once B's R serves (RESUME_R done), or when the driver
+    cannot tell whether it does (undecided), nothing is rolled back."""
     head = """
         start                 -> CREATE_U PREPARE_R  | start
         done PREPARE_R        ->                     | R created on target
@@ -465,8 +470,23 @@ def test_after_resume_u_has_completed_nothing_is_rolled_back() -> None:
     """)
     play(Plan.COMIGRATION, head + """
         done RESUME_U         -> RESUME_R            | U resumed
+        fail RESUME_R fenced  -> CANCEL_TARGET       |
+        done CANCEL_TARGET    -> UNPAUSE_U           |
+        done UNPAUSE_U        -> RESTART_R           |
+        done RESTART_R        -> =ROLLED_BACK        | rolled_back
+    """)
+    play(Plan.COMIGRATION, head + """
+        done RESUME_U         -> RESUME_R            | U resumed
         cancel                -> =FAILED_AFTER_RESUME | failed_after_resume
     """)
+    core = play(Plan.COMIGRATION, head + """
+        done RESUME_U         -> RESUME_R            | U resumed
+        undecided RESUME_R no answer -> =FAILED_AFTER_RESUME | failed_after_resume
+    """)
+    assert core.doubtful == [A.RESUME_R]
+    with pytest.raises(SyncError, match="only the point of no return can be undecided"):
+        play(Plan.COMIGRATION, head.replace("done RESTORE_R        -> RESUME_U            |",
+                                            "undecided RESTORE_R lost ->"))
     play(Plan.COMIGRATION, head + """
         done RESUME_U         -> RESUME_R            | U resumed
         done RESUME_R         -> COMMIT              | R resumed
@@ -515,23 +535,21 @@ def test_solo_reads_like_the_baseline() -> None:
         start                 -> CREATE_U            | start
         done CREATE_U         -> ITERATE             | U created on target
         done ITERATE dirty    -> ITERATE             |
-        done ITERATE converged -> STOP_SERVERS       | servers stopped
-        done STOP_SERVERS     -> STOP_U              | U stopped
+        done ITERATE converged -> STOP_U             | U stopped
         done STOP_U           -> FINAL_COPY          |
-        done FINAL_COPY       -> LINK_U              |
+        done FINAL_COPY       -> LINK_U              | final copy
         done LINK_U           -> RESUME_U            |
         done RESUME_U         -> START_SERVERS       | U resumed
-        done START_SERVERS    -> COMMIT              | servers started
+        done START_SERVERS    -> STOP_SERVERS        | servers started, servers stopped
+        done STOP_SERVERS     -> COMMIT              |
         done COMMIT           -> =MIGRATED           | source released
     """)
     play(Plan.SOLO, """
         start                 -> CREATE_U            | start
         done CREATE_U         -> ITERATE             | U created on target
-        done ITERATE converged -> STOP_SERVERS       | servers stopped
-        done STOP_SERVERS     -> STOP_U              | U stopped
+        done ITERATE converged -> STOP_U             | U stopped
         fail STOP_U pause refused -> CANCEL_TARGET UNPAUSE_U |
-        fail UNPAUSE_U still paused -> RESTART_SERVERS |
-        done RESTART_SERVERS  ->                     |
+        fail UNPAUSE_U still paused ->               |
         done CANCEL_TARGET    -> =ROLLED_BACK        | rolled_back
     """)
 
