@@ -39,11 +39,11 @@ from dataclasses import dataclass
 
 from keeper.errors import KernelError, NotMovable
 from keeper.net.tcpinfo import (
+    TCP_INFO,
     TCP_STATES,
     TCPI_OPT_SACK,
     TCPI_OPT_TIMESTAMPS,
     TCPI_OPT_WSCALE,
-    tcp_info,
 )
 
 # linux/tcp.h
@@ -64,6 +64,7 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 TCP_ESTABLISHED = 1
 _WINDOW = struct.Struct("=5I")
 _OPT = struct.Struct("=II")
+_INFO_HEAD = struct.Struct("=8B")  # struct tcp_info up to the window scales
 _INT = struct.Struct("=i")
 _SEQ_MOD = 1 << 32
 
@@ -117,9 +118,15 @@ class Restored:
     resend: bytes
 
 
+# Each move makes some 30 of these calls per socket, so they stay cheap (profiled): an
+# int goes to setsockopt as an int (a bytes value first fails the int parse inside
+# CPython, which costs an exception, ~2 us), and ioctls write into a bytearray.
+_I32 = 1 << 31
+
+
 def _set(sock: socket.socket, opt: int, value: int | bytes, step: str) -> None:
-    if isinstance(value, int):  # sequence numbers use all 32 bits
-        value = struct.pack("=I" if value >= 0 else "=i", value)
+    if isinstance(value, int) and value >= _I32:  # sequence numbers use all 32 bits
+        value -= _SEQ_MOD
     try:
         sock.setsockopt(socket.IPPROTO_TCP, opt, value)
     except OSError as exc:
@@ -135,7 +142,9 @@ def _get_int(sock: socket.socket, opt: int, step: str) -> int:
 
 def _ioctl_int(sock: socket.socket, request: int, step: str) -> int:
     try:
-        return _INT.unpack(fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+        buf = bytearray(4)
+        fcntl.ioctl(sock.fileno(), request, buf, True)
+        return _INT.unpack(buf)[0]
     except OSError as exc:
         raise KernelError.wrap(step, exc) from exc
 
@@ -173,31 +182,42 @@ def dump(sock: socket.socket) -> TcpRepairRecord:
     re-create, so it is not moved.
     """
     enter_repair(sock)
+    get, tcp = sock.getsockopt, socket.IPPROTO_TCP
+    step = "TCP_INFO"
     try:
-        info = tcp_info(sock)
-        if info.state != TCP_ESTABLISHED:
-            raise NotMovable(
-                f"TCP connection in state {TCP_STATES.get(info.state, info.state)} "
-                "cannot be moved (only ESTABLISHED is)"
-            )
-        inq_len = _ioctl_int(sock, SIOCINQ, "SIOCINQ")
-        outq_len = _ioctl_int(sock, SIOCOUTQ, "SIOCOUTQ")
-        unsent_len = _ioctl_int(sock, SIOCOUTQNSD, "SIOCOUTQNSD")
-        mss = _get_int(sock, socket.TCP_MAXSEG, "TCP_MAXSEG")
-        timestamp = _get_int(sock, TCP_TIMESTAMP, "TCP_TIMESTAMP get") & 0xFFFFFFFF
         try:
-            window = _WINDOW.unpack(
-                sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)
-            )
+            # only the head of tcp_info: state, options, window scales
+            state, _, _, _, _, options, wscales, _ = _INFO_HEAD.unpack_from(
+                get(tcp, TCP_INFO, _INFO_HEAD.size))
+            if state != TCP_ESTABLISHED:
+                raise NotMovable(
+                    f"TCP connection in state {TCP_STATES.get(state, state)} "
+                    "cannot be moved (only ESTABLISHED is)"
+                )
+            inq_len = _ioctl_int(sock, SIOCINQ, "SIOCINQ")
+            outq_len = _ioctl_int(sock, SIOCOUTQ, "SIOCOUTQ")
+            unsent_len = _ioctl_int(sock, SIOCOUTQNSD, "SIOCOUTQNSD")
+            step = "TCP_MAXSEG"
+            mss = get(tcp, socket.TCP_MAXSEG)
+            step = "TCP_TIMESTAMP get"
+            timestamp = get(tcp, TCP_TIMESTAMP) & 0xFFFFFFFF
+            step = "TCP_REPAIR_WINDOW get"
+            window = _WINDOW.unpack(get(tcp, TCP_REPAIR_WINDOW, _WINDOW.size))
+            step = "socket addresses and buffers"
+            local = sock.getsockname()
+            peer = sock.getpeername()
+            sndbuf = get(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            rcvbuf = get(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            nodelay = bool(get(tcp, socket.TCP_NODELAY))
         except OSError as exc:
-            raise KernelError.wrap("TCP_REPAIR_WINDOW get", exc) from exc
+            raise KernelError.wrap(step, exc) from exc
         inq_seq, inq = _peek_queue(sock, TCP_RECV_QUEUE, inq_len, "receive")
         outq_seq, outq = _peek_queue(sock, TCP_SEND_QUEUE, outq_len, "send")
-        _set(sock, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE none")
-        local = sock.getsockname()
-        peer = sock.getpeername()
+        # (the send queue stays selected: it matters only in repair mode, and a dumped
+        # socket is either closed or leaves repair mode)
         return TcpRepairRecord(
-            family=sock.family,
+            # from the address: the socket's own `family` converts to an enum (slow)
+            family=socket.AF_INET6 if ":" in local[0] else socket.AF_INET,
             local_addr=local[0],
             local_port=local[1],
             peer_addr=peer[0],
@@ -208,20 +228,20 @@ def dump(sock: socket.socket) -> TcpRepairRecord:
             outq=outq,
             unsent_len=unsent_len,
             mss=mss,
-            sack=bool(info.options & TCPI_OPT_SACK),
-            wscale=bool(info.options & TCPI_OPT_WSCALE),
-            timestamps=bool(info.options & TCPI_OPT_TIMESTAMPS),
-            snd_wscale=info.snd_wscale,
-            rcv_wscale=info.rcv_wscale,
+            sack=bool(options & TCPI_OPT_SACK),
+            wscale=bool(options & TCPI_OPT_WSCALE),
+            timestamps=bool(options & TCPI_OPT_TIMESTAMPS),
+            snd_wscale=wscales & 0x0F,
+            rcv_wscale=wscales >> 4,
             timestamp=timestamp,
             snd_wl1=window[0],
             snd_wnd=window[1],
             max_window=window[2],
             rcv_wnd=window[3],
             rcv_wup=window[4],
-            sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
-            rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-            nodelay=bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)),
+            sndbuf=sndbuf,
+            rcvbuf=rcvbuf,
+            nodelay=nodelay,
         )
     except BaseException:
         # Not moved: hand the socket back to normal operation untouched.
@@ -244,52 +264,73 @@ def _inject(sock: socket.socket, data: bytes, step: str) -> None:
         view = view[sent:]
 
 
+def _seq(value: int) -> int:
+    """A 32-bit sequence number as the C int setsockopt takes."""
+    value %= _SEQ_MOD
+    return value - _SEQ_MOD if value >= _I32 else value
+
+
 def restore(rec: TcpRepairRecord) -> Restored:
-    """Re-create the connection in this thread's network namespace (repair mode on)."""
+    """Re-create the connection in this thread's network namespace (repair mode on).
+
+    The steps are inline calls (no helper per call): with a thousand sockets in one
+    move, each Python call here costs a measurable part of the pause."""
     sock = socket.socket(rec.family, socket.SOCK_STREAM)
+    put, tcp = sock.setsockopt, socket.IPPROTO_TCP
+    sent_len = len(rec.outq) - rec.unsent_len
+    step = "TCP_REPAIR on"
     try:
-        # Repair mode forces address reuse (SK_FORCE_REUSE): the socket may share its
-        # port with the listener. Setting SO_REUSEADDR afterwards would undo that.
-        enter_repair(sock)
-        # A fresh socket's buffers may be smaller than the autotuned ones we saved;
-        # the queues must fit before they are re-injected.
-        if len(rec.inq) * 2 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF):
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(rec.rcvbuf, 2 * len(rec.inq)))
-        if rec.nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sent_len = len(rec.outq) - rec.unsent_len
-        if sent_len * 2 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(rec.sndbuf, 2 * sent_len))
-        _set(sock, socket.TCP_MAXSEG, rec.mss, "TCP_MAXSEG")
         try:
+            # Repair mode forces address reuse (SK_FORCE_REUSE): the socket may share
+            # its port with the listener. Setting SO_REUSEADDR afterwards would undo that.
+            put(tcp, TCP_REPAIR, REPAIR_ON)
+            # A fresh socket's buffers may be smaller than the autotuned ones we saved;
+            # the queues must fit before they are re-injected.
+            step = "socket buffers"
+            if rec.inq and len(rec.inq) * 2 > sock.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_RCVBUF):
+                put(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(rec.rcvbuf, 2 * len(rec.inq)))
+            if sent_len and sent_len * 2 > sock.getsockopt(socket.SOL_SOCKET,
+                                                           socket.SO_SNDBUF):
+                put(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(rec.sndbuf, 2 * sent_len))
+            step = "TCP_NODELAY"
+            if rec.nodelay:
+                put(tcp, socket.TCP_NODELAY, 1)
+            step = "TCP_MAXSEG"
+            put(tcp, socket.TCP_MAXSEG, rec.mss)
+            step = f"bind {rec.local_addr}:{rec.local_port}"
             sock.bind((rec.local_addr, rec.local_port))
-        except OSError as exc:
-            raise KernelError.wrap("bind", exc, f"{rec.local_addr}:{rec.local_port}") from exc
-        _set(sock, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE receive")
-        _set(sock, TCP_QUEUE_SEQ, (rec.inq_seq - len(rec.inq)) % _SEQ_MOD, "TCP_QUEUE_SEQ receive")
-        _set(sock, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE send")
-        _set(sock, TCP_QUEUE_SEQ, rec.snd_una, "TCP_QUEUE_SEQ send")
-        try:
+            # the send queue first, so that the receive queue stays selected for its
+            # re-injection below
+            step = "TCP_QUEUE_SEQ send"
+            put(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            put(tcp, TCP_QUEUE_SEQ, _seq(rec.snd_una))
+            step = "TCP_QUEUE_SEQ receive"
+            put(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            put(tcp, TCP_QUEUE_SEQ, _seq(rec.inq_seq - len(rec.inq)))
+            step = f"connect {rec.peer_addr}:{rec.peer_port}"
             sock.connect((rec.peer_addr, rec.peer_port))
+            step = "TCP_REPAIR_OPTIONS"
+            opts = [_OPT.pack(TCPOPT_MAXSEG, rec.mss)]
+            if rec.sack:
+                opts.append(_OPT.pack(TCPOPT_SACK_PERM, 0))
+            if rec.wscale:
+                opts.append(_OPT.pack(TCPOPT_WINDOW, rec.snd_wscale | (rec.rcv_wscale << 16)))
+            if rec.timestamps:
+                opts.append(_OPT.pack(TCPOPT_TIMESTAMP, 0))
+            put(tcp, TCP_REPAIR_OPTIONS, b"".join(opts))
+            if rec.timestamps:
+                step = "TCP_TIMESTAMP set"
+                put(tcp, TCP_TIMESTAMP, _seq(rec.timestamp))
         except OSError as exc:
-            raise KernelError.wrap("connect", exc, f"{rec.peer_addr}:{rec.peer_port}") from exc
-        opts = [_OPT.pack(TCPOPT_MAXSEG, rec.mss)]
-        if rec.sack:
-            opts.append(_OPT.pack(TCPOPT_SACK_PERM, 0))
-        if rec.wscale:
-            opts.append(_OPT.pack(TCPOPT_WINDOW, rec.snd_wscale | (rec.rcv_wscale << 16)))
-        if rec.timestamps:
-            opts.append(_OPT.pack(TCPOPT_TIMESTAMP, 0))
-        _set(sock, TCP_REPAIR_OPTIONS, b"".join(opts), "TCP_REPAIR_OPTIONS")
-        if rec.timestamps:
-            _set(sock, TCP_TIMESTAMP, rec.timestamp, "TCP_TIMESTAMP set")
-        if rec.inq:
-            _set(sock, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE receive")
+            raise KernelError.wrap(step, exc) from exc
+        if rec.inq:  # the receive queue is selected
             _inject(sock, rec.inq, "re-inject receive queue")
         if sent_len:
             _set(sock, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE send")
             _inject(sock, rec.outq[:sent_len], "re-inject send queue")
-        _set(sock, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE none")
+        # (a queue stays selected: it matters only in repair mode, and the socket
+        # leaves repair mode before it sends anything)
         window = _WINDOW.pack(rec.snd_wl1, rec.snd_wnd, rec.max_window, rec.rcv_wnd, rec.rcv_wup)
         _set(sock, TCP_REPAIR_WINDOW, window, "TCP_REPAIR_WINDOW set")
         return Restored(sock=sock, resend=rec.outq[sent_len:])
