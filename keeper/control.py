@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import types
 import typing
@@ -15,11 +16,19 @@ from keeper.errors import BadRequest, KeeperError, LabError
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A control or peer request's JSON body; bulk data (pages, checkpoints) is not JSON
+# and has its own limits.
+MAX_JSON_BODY = 1 << 20
+
+
+class TooLarge(BadRequest):
+    """A request body over the limit (a 413)."""
 
 
 def guarded(log: logging.Logger | None = None) -> Callable[[Handler], Handler]:
-    """Turn our errors into JSON: malformed request → 400, unknown thing → 404, refused
-    in this state → 409.
+    """Turn our errors into JSON: malformed request → 400, too large → 413, unknown
+    thing → 404, refused in this state → 409; aiohttp's own refusals (a body over the
+    application's limit) keep their status and say why in JSON too.
     Anything else is a bug and stays a 500 with a traceback in the log."""
 
     def wrap(fn: Handler) -> Handler:
@@ -28,6 +37,11 @@ def guarded(log: logging.Logger | None = None) -> Callable[[Handler], Handler]:
                 log.info("%s %s", request.method, request.path)
             try:
                 return await fn(request)
+            except TooLarge as exc:
+                return web.json_response({"error": str(exc)}, status=413)
+            except web.HTTPClientError as exc:
+                return web.json_response({"error": exc.text or exc.reason},
+                                         status=exc.status)
             except BadRequest as exc:
                 return web.json_response({"error": str(exc)}, status=400)
             except LabError as exc:
@@ -40,14 +54,26 @@ def guarded(log: logging.Logger | None = None) -> Callable[[Handler], Handler]:
     return wrap
 
 
-async def body(request: web.Request, cls: type[T]) -> T:
+async def body(request: web.Request, cls: type[T], *, limit: int = MAX_JSON_BODY) -> T:
     """The request's JSON body as dataclass `cls`, checked once: a missing field or a
-    wrong type is a BadRequest naming it (a 400), never a KeyError (a 500)."""
+    wrong type is a BadRequest naming it (a 400), never a KeyError (a 500). A body
+    over `limit` bytes is refused (a 413) before more than that is read, whatever the
+    application's own limit is (the peer API takes checkpoints of hundreds of MB)."""
+    return parse(cls, await read_json(request, limit=limit))
+
+
+async def read_json(request: web.Request, *, limit: int = MAX_JSON_BODY) -> Any:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"a body of {request.content_length} bytes; at most {limit} here")
+    raw = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > limit:
+            raise TooLarge(f"a body of more than {limit} bytes; at most {limit} here")
     try:
-        doc = await request.json()
-    except ValueError as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
-    return parse(cls, doc)
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BadRequest(f"the body is not JSON: {str(exc)[:200]}") from None
 
 
 def parse(cls: type[T], doc: Any) -> T:
