@@ -44,7 +44,8 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
         doms = {d["name"]: d for d in status["domains"]}
         assert (doms["guest1"]["host"], doms["guest1"]["ip"], doms["guest1"]["guest"]) == (
             "a", "198.18.0.101", True)
-        assert doms["guest1"]["services"] == {"console": 2323, "ssh": 22, "vnc": 5900}
+        assert doms["guest1"]["services"] == {"console": 2323, "ssh": 22, "vnc": 5900,
+                                              "web": 6080}
         assert (doms["r1"]["host"], doms["r1"]["ip"], doms["r1"]["guest"]) == (
             "b", "198.18.0.102", False)
 
