@@ -105,7 +105,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return 0
     print(f"lab {doc['lab']}  client {doc['client_netns']} {doc['client_ip']}")
     for h in doc["hosts"]:
-        print(f"  host {h['host']}  {h['mgmt_ip']}  {h.get('error', '')}")
+        print(f"  host {h['host']}  {h['mgmt_ip']}  metrics {h.get('metrics_url') or '-'}  "
+              f"{h.get('error', '')}")
         for d in h["domrs"]:
             sessions = len(d.get("domr", {}).get("sessions", []))
             print(f"    Domain R {d['name']}  {d['ip']}  {d['mac']}  {d['state']}  "

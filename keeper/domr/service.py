@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -63,7 +64,8 @@ def build_app(domr: DomainR) -> web.Application:
             headers={"X-Keeper-Dump-Ms": f"{domr.last_move.dump_ms:.3f}",
                      "X-Keeper-Sessions": str(domr.last_move.sessions),
                      "X-Keeper-Queued-In": str(domr.last_move.queued_in),
-                     "X-Keeper-Queued-Out": str(domr.last_move.queued_out)},
+                     "X-Keeper-Queued-Out": str(domr.last_move.queued_out),
+                     "X-Keeper-By-Rms": json.dumps(domr.last_move.by_rms)},
         )
 
     @routes.post("/abort")

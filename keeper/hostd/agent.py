@@ -25,6 +25,7 @@ from keeper import ports
 from keeper.arp.garp import DEFAULT_SCHEDULE, parse_schedule
 from keeper.errors import BadRequest, KeeperError, LabError
 from keeper.hostd import procs, tls
+from keeper.hostd.clientwire import ClientWire
 from keeper.hostd.drills import Drills
 from keeper.hostd.guests import Guests
 from keeper.hostd.qemu_guests import QemuGuests
@@ -76,6 +77,8 @@ class HostAgent:
         self._locks: dict[str, asyncio.Lock] = {}
         self.moves = 0
         self.drills = Drills()
+        self.wire = ClientWire()  # client retransmissions on this host's wire
+        self.metrics_url: str | None = None  # set by serve() once /metrics listens
         self.place = spec.place_on(host)
 
     # -- bookkeeping ------------------------------------------------------------
@@ -222,6 +225,7 @@ class HostAgent:
                    "mem_bytes": g.u.pages * 4096, "pid": g.proc.pid if g.proc else None}
                   for g in self.guests.entries.values()] + self.qemu.status()
         return {"host": self.host.name, "mgmt_ip": self.host.mgmt_ip, "netns": self.host.ns,
+                "metrics_url": self.metrics_url,
                 "moves": self.moves, "may_write": self.hv.may_write_enabled,
                 "domrs": doms, "guests": guests, "servers": self.qemu.servers()}
 
@@ -317,3 +321,4 @@ class HostAgent:
         for entry in self.domrs.values():
             await entry.control.close()
         await self.qemu.close()  # a VM dies with its agent (and would anyway: PDEATHSIG)
+        await self.wire.close()

@@ -55,7 +55,7 @@ def local_app(agent: HostAgent) -> web.Application:
 
     @routes.get("/metrics")
     async def metrics_page(_: web.Request) -> web.StreamResponse:
-        body, ctype = metrics.render(agent)
+        body, ctype = await metrics.page(agent)
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     @routes.post("/domr")

@@ -14,7 +14,7 @@ import logging
 import os
 
 from keeper.errors import KeeperError, MigrationError
-from keeper.hostd import drills, metrics
+from keeper.hostd import clientwire, drills, metrics
 from keeper.hostd.agent import HostAgent
 from keeper.hostd.guests import GuestEntry
 from keeper.hostd.qemu_guests import QemuGuestEntry
@@ -189,8 +189,12 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
     g.state = "moving"
     if r is not None:
         r.state = "moving"
+    # the clients' retransmissions of the pause reach this host's wire (keeper.hostd.clientwire)
+    tap = clientwire.open_tap(r.ip) if isinstance(plan, CoMigration) and r is not None else None
+    ok = False
     try:
         summary = await plan.run()
+        ok = True
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if drill and task is not None and task.uncancel() == 0:  # ours, nobody else's
@@ -206,6 +210,8 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
                      agent.domrs.get(name)):
             if item is not None:
                 item.state = "running"
+        if tap is not None and not ok:
+            tap.close()  # rolled back: nothing to count
     if qb is not None:
         # QEMU's consoles never stopped: a client's outage is at least from the VM's
         # stop (keys dropped from then) to the source QEMU's exit (its consoles close,
@@ -217,4 +223,8 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
                                "target": agent.spec.host(target).mgmt_ip, **qb.services()}
     agent.moves += 1
     metrics.observe_migration(summary)
+    if tap is not None:
+        peer = agent.peer(target)
+        summary["retransmits_client_source"] = agent.wire.settle(
+            name, tap, summary["downtime_ms"]["R"], lambda: peer.wire_domr(name))
     return summary

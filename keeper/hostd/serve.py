@@ -1,5 +1,6 @@
 """Serve a host agent: the control API on its root-only Unix socket, the peer API on
-the management address (mutual TLS), until SIGTERM or SIGINT."""
+the management address (mutual TLS), /metrics over HTTP(S) on the management address
+(keeper.hostd.metrics_http), until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -11,18 +12,25 @@ import signal
 from aiohttp import web
 
 from keeper import control
-from keeper.hostd import tls
+from keeper.hostd import metrics_http, tls
 from keeper.hostd.agent import HostAgent
 from keeper.hostd.api import local_app
+from keeper.hostd.metrics import page as metrics_page
+from keeper.hostd.metrics_http import MetricsConfig
 from keeper.hostd.target import AgentTarget
-from keeper.lab.topology import AGENT_PORT, LabSpec
+from keeper.lab.topology import AGENT_PORT, PREFIXLEN, LabSpec
 from keeper.migrate import peer as peer_protocol
 
 log = logging.getLogger("keeper.hostd")
 
 
-async def serve(spec: LabSpec, host: str, *, may_write: bool = True) -> int:
+async def serve(spec: LabSpec, host: str, *, may_write: bool = True,
+                metrics: MetricsConfig | None = None) -> int:
+    """`metrics`: how /metrics is served (default: a lab's `metrics.json`, else plain
+    HTTP on the management address, port 9464, the management subnet only)."""
     agent = HostAgent(spec, host, may_write=may_write)
+    if metrics is None:
+        metrics = MetricsConfig.for_lab(spec.rundir)
     peer_app = web.Application(client_max_size=1 << 30)  # checkpoints can be large
     peer_app.add_routes(peer_protocol.routes(AgentTarget(agent), control.guarded(log)))
     local = web.AppRunner(local_app(agent), access_log=None)
@@ -38,6 +46,11 @@ async def serve(spec: LabSpec, host: str, *, may_write: bool = True) -> int:
         os.umask(old)
     await web.TCPSite(peer, agent.host.mgmt_ip, AGENT_PORT,
                       ssl_context=tls.server_context(spec.pki, host)).start()
+    served = await metrics_http.start(
+        lambda: metrics_page(agent), metrics, mgmt_ip=agent.host.mgmt_ip,
+        prefixlen=getattr(spec, "prefixlen", PREFIXLEN), pki=spec.pki, host=host)
+    if served is not None:
+        agent.metrics_url = served[1]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,5 +60,7 @@ async def serve(spec: LabSpec, host: str, *, may_write: bool = True) -> int:
     await agent.close()
     await local.cleanup()
     await peer.cleanup()
+    if served is not None:
+        await served[0].cleanup()
     sock_path.unlink(missing_ok=True)
     return 0

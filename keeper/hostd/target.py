@@ -246,11 +246,13 @@ class AgentTarget:
             entry.state = "resuming"  # before the link goes up: settle fences it then
             pid = entry.proc.pid if entry.proc is not None else None
             t1 = time.monotonic()
+            a.wire.watch(name, entry.ip)  # client retransmissions from here on
             await a.set_link(entry.name, up=True)  # the source's link is down already
             a.drills.check("link_up", domr_pid=pid)
             t2 = time.monotonic()
             await entry.control.call("POST", "/resume")
             entry.state = "running"
+            a.wire.resumed(name)
             a.drills.check("resumed", domr_pid=pid)  # serving; the answer not yet sent
             return {"link_up_ms": (t2 - t1) * 1e3,
                     "resume_ms": (time.monotonic() - t2) * 1e3}
@@ -288,4 +290,10 @@ class AgentTarget:
             entry = a.domrs.get(name)
             if entry is not None and entry.state in ("incoming", "restored", "resuming"):
                 await self._fence(name, entry.epoch)
+            a.wire.forget(name)
         return {"cancelled": name}
+
+    async def wire_domr(self, name: str) -> dict[str, Any]:
+        """Client retransmissions seen here after the resume (keeper.hostd.clientwire),
+        once the window closed."""
+        return await self.agent.wire.result(name)

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keeper import ports
 from keeper.arp.garp import DEFAULT_SCHEDULE
 from keeper.errors import KeeperError, LabError, MigrationError
 from keeper.hostd import procs, tls
+from keeper.hostd.metrics_http import MetricsConfig
 from keeper.http import Http
 from keeper.lab import sshkeys, topology
 from keeper.lab.topology import LabSpec
@@ -32,13 +34,18 @@ async def call(spec: LabSpec, host: str, method: str, path: str, **kw: Any) -> A
 
 
 async def up(name: str = "keeper", hosts: tuple[str, ...] = ("a", "b"),
-             ssh_authorized_keys: Path | None = None) -> LabSpec:
-    """Build the network and start one agent per host. Idempotent."""
+             ssh_authorized_keys: Path | None = None,
+             metrics: MetricsConfig | None = None) -> LabSpec:
+    """Build the network and start one agent per host. Idempotent. `metrics`: how the
+    agents serve /metrics (TLS, basic auth; default plain HTTP on port 9464), for
+    agents started by this call."""
     try:
         spec = topology.load(name)
     except LabError:
         spec = topology.spec_for(name, hosts)
     await asyncio.to_thread(topology.build_network, spec)
+    if metrics is not None:
+        metrics.save_for_lab(spec.rundir)
     # the agents' peer channel: mutual TLS with a CA made for this lab
     tls.make_lab_pki(spec.pki, {h.name: h.mgmt_ip for h in spec.hosts})
     sshkeys.ensure_login_key(spec, ssh_authorized_keys)
@@ -75,7 +82,7 @@ async def status(spec: LabSpec) -> dict[str, Any]:
             hosts.append(await call(spec, h.name, "GET", "/status", timeout=10))
         except KeeperError as exc:
             hosts.append({"host": h.name, "mgmt_ip": h.mgmt_ip, "netns": h.ns,
-                          "error": str(exc), "domrs": []})
+                          "error": str(exc), "domrs": [], "metrics_url": None})
     key = sshkeys.login_key(spec)
     return {
         "lab": spec.name, "client_netns": spec.client_ns, "client_ip": spec.client_ip,
@@ -93,6 +100,9 @@ def _domain(host: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
            "state": d["state"], "services": d.get("services", {}), "guest": g is not None,
            "mem_bytes": g["mem_bytes"] if g else None}
     doc["mode"] = "baseline" if d.get("baseline") else "keeper"
+    # a guest's Domain R serves its screen to browsers (noVNC) on its own address
+    doc["web_url"] = (f"http://{d['ip']}:{ports.WEB}/" if g is not None
+                      and doc["mode"] == "keeper" else None)
     if g is not None:
         doc["kind"] = g.get("kind", "sim")
         if doc["kind"] == "qemu":

@@ -19,6 +19,7 @@ wrong type is a 400 naming it. Paths are built only by `Paths`.
   cancel_domr(name)               ->   drop a half-made twin (idempotent)
   settle_domr(name)               ->   after RESUME_R: "resumed" (confirmed, B's now)
                                        or "fenced" (B's R gone, its epoch refused)
+  wire_domr(name)                 ->   client retransmissions seen there after resume
   baseline_server(name)           ->   the baseline: fresh servers for U there
 """
 
@@ -38,6 +39,7 @@ from keeper.http import Http
 RESTORE_TIMEOUT = 60.0
 CANCEL_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 15.0
+WIRE_TIMEOUT = 20.0
 PAGES_TIMEOUT = 600.0
 
 
@@ -91,6 +93,7 @@ class Paths:
     resume_domr = staticmethod(lambda name: f"/peer/domr/{name}/resume")
     cancel_domr = staticmethod(lambda name: f"/peer/domr/{name}/cancel")
     settle_domr = staticmethod(lambda name: f"/peer/domr/{name}/settle")
+    wire_domr = staticmethod(lambda name: f"/peer/domr/{name}/wire")
     status = "/status"
 
 
@@ -143,6 +146,11 @@ class PeerClient:
     async def settle_domr(self, name: str) -> dict[str, Any]:
         return await self.http.call("POST", Paths.settle_domr(name), timeout=SETTLE_TIMEOUT)
 
+    async def wire_domr(self, name: str) -> dict[str, Any]:
+        """What the clients' TCP cost after the resume there (keeper.hostd.clientwire);
+        answers once the target's window closed."""
+        return await self.http.call("GET", Paths.wire_domr(name), timeout=WIRE_TIMEOUT)
+
 
 class Target(Protocol):
     """What a host offers as a migration target (the host agent implements it)."""
@@ -162,6 +170,7 @@ class Target(Protocol):
     async def resume_domr(self, name: str) -> dict[str, Any]: ...
     async def cancel_domr(self, name: str) -> dict[str, Any]: ...
     async def settle_domr(self, name: str) -> dict[str, Any]: ...
+    async def wire_domr(self, name: str) -> dict[str, Any]: ...
     def identity(self) -> dict[str, Any]: ...
 
 
@@ -228,6 +237,7 @@ def routes(target: Target, guarded: Callable[[control.Handler], control.Handler]
     r.post(Paths.resume_domr("{name}"))(named(target.resume_domr))
     r.post(Paths.cancel_domr("{name}"))(named(target.cancel_domr))
     r.post(Paths.settle_domr("{name}"))(named(target.settle_domr))
+    r.get(Paths.wire_domr("{name}"))(named(target.wire_domr))
     return r
 
 
