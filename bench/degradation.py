@@ -3,16 +3,17 @@
 over time (VNC and SSH, one key every 50 ms), and the VNC frame rate over time with
 the guest's screensaver redrawing the whole screen, with the migration marked.
 
-    python bench/degradation.py --mem-mb 2048
+    python bench/degradation.py --mem-mb 2048 [--json]
 
-Writes bench/out/degradation.json and .png, prints before/during/after means.
-Needs root.
+Writes bench/out/degradation.json and .png, prints before/during/after means (with
+`--json`, then one JSON line last: every row's means, without its samples). Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -73,10 +74,17 @@ async def frame_rate(mem_mb: int, settle: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mem-mb", type=int, default=1024)
-    p.add_argument("--settle", type=float, default=5.0, help="seconds before and after")
-    p.add_argument("--rms", default="vnc,ssh")
+    p.add_argument("--mem-mb", type=int, default=1024,
+                   help="the guest's memory in MiB (default %(default)s)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds measured before and after the migration (default %(default)s)")
+    p.add_argument("--rms", default="vnc,ssh",
+                   help="sessions whose response time to measure, comma-separated: vnc, ssh, "
+                   "console (default %(default)s); the VNC frame rate is measured always")
+    p.add_argument("--json", action="store_true", help="print one JSON line last: every row")
     args = p.parse_args(argv)
+    if unknown := set(args.rms.split(",")) - {"vnc", "ssh", "console"}:
+        p.error(f"--rms: unknown {', '.join(sorted(unknown))} (vnc, ssh, console)")
     need_root("bench/degradation.py")
     rows = []
     for rms in args.rms.split(","):
@@ -103,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         ax.legend(loc="upper right")
     axes[-1, 0].set_xlabel("seconds from the start of the migration")
     finish(fig, path)
+    if args.json:
+        print(json.dumps({"bench": "degradation", "mem_mb": args.mem_mb,
+                          "settle_s": args.settle, "file": str(path),
+                          "rows": [{"rms": r["rms"], "means": r["means_ms"],
+                                    "unit": "frames/s" if r["rms"] == "vnc-fps" else "ms",
+                                    "lost": r["lost"],
+                                    "samples": len(r["samples"]),
+                                    "migration_s": round(r["migration"][1] - r["migration"][0],
+                                                         3)} for r in rows]}))
     return 0
 
 

@@ -3,15 +3,17 @@
 framebuffer update over VNC), with the servers in Domain R (keeper) and in Dom0
 (the conventional baseline). No migration: this is what Domain R costs at rest.
 
-    python bench/latency.py --seconds 10
+    python bench/latency.py --seconds 10 [--json]
 
-Writes bench/out/latency.json and .png, prints a table. Needs root.
+Writes bench/out/latency.json and .png, prints a table (with `--json`, then one JSON
+line last: every row without its samples). Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -60,9 +62,14 @@ async def one(mode: str, rms: str, seconds: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--rms", default="vnc,ssh")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="how long to type in each configuration (default %(default)s)")
+    p.add_argument("--rms", default="vnc,ssh",
+                   help="sessions to measure, comma-separated: vnc, ssh (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON line last: every row")
     args = p.parse_args(argv)
+    if unknown := set(args.rms.split(",")) - {"vnc", "ssh"}:
+        p.error(f"--rms: unknown {', '.join(sorted(unknown))} (vnc, ssh)")
     need_root("bench/latency.py")
     rows = []
     for rms in args.rms.split(","):
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                    for r in rows])
     ax.set_ylabel("key-to-echo (ms)")
     finish(fig, path)
+    if args.json:
+        print(json.dumps({"bench": "latency", "seconds": args.seconds, "file": str(path),
+                          "rows": [{k: v for k, v in r.items() if k != "samples_ms"}
+                                   | {"keys": len(r["samples_ms"])} for r in rows]}))
     return 0
 
 

@@ -9,6 +9,9 @@ commented example:
     bridge = "br0"                          # Dom0's bridge on that network
     run_dir = "/run/keeper/hostd"
     metrics_listen = "10.0.0.1:9464"        # Prometheus /metrics (default: this address)
+    [metrics]
+    tls = true                              # HTTPS with a.crt; Prometheus trusts ca.crt
+    htpasswd = "/etc/keeper/metrics.htpasswd"   # basic auth (`htpasswd -nB prometheus`)
     [pki]
     dir = "/etc/keeper/pki"                 # ca.crt, a.crt, a.key (`keeper pki issue`)
     [ssh]
@@ -59,11 +62,14 @@ class HostConfig:
     run_dir: Path
     prefix: str  # of the namespaces this agent makes (Domain Rs)
     pki_dir: Path
-    metrics_listen: tuple[str, int]
+    metrics_listen: tuple[str, int] | None  # None: "off"
     peers: dict[str, str] = field(default_factory=dict)
     netns: str | None = None  # a named namespace to run in; None: where it was started
     authorized_keys: Path | None = None
     may_write: bool = True
+    metrics_tls: bool = False
+    metrics_htpasswd: Path | None = None
+    metrics_allow: tuple[str, ...] = ()  # networks that may scrape; () the management one
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -103,8 +109,9 @@ class SiteSpec(LabSpec):
 # -- reading the file ----------------------------------------------------------------
 
 _KEYS = {"name", "management_address", "bridge", "run_dir", "namespace_prefix", "netns",
-         "metrics_listen", "may_write", "pki", "ssh", "peers"}
-_TABLES = {"pki": {"dir"}, "ssh": {"authorized_keys"}}
+         "metrics_listen", "may_write", "pki", "ssh", "peers", "metrics"}
+_TABLES = {"pki": {"dir"}, "ssh": {"authorized_keys"},
+           "metrics": {"tls", "htpasswd", "allow"}}
 
 
 def load(path: Path | str) -> HostConfig:
@@ -205,9 +212,24 @@ def parse(doc: dict[str, Any], path: Path) -> HostConfig:
         if not netns.exists(ns):
             raise bad("netns", f"no network namespace {ns!r} (see `ip netns list`)")
 
-    metrics = _listen(text("metrics_listen",
-                           get("metrics_listen", f"{address}:{ports.METRICS}")),
-                      lambda m: bad("metrics_listen", m))
+    listen = text("metrics_listen", get("metrics_listen", f"{address}:{ports.METRICS}"))
+    metrics = None if listen == "off" else _listen(listen, lambda m: bad("metrics_listen", m))
+    m_tls = get("metrics.tls", False)
+    if not isinstance(m_tls, bool):
+        raise bad("metrics.tls", f"want true or false, got {m_tls!r}")
+    htpasswd = None
+    if "htpasswd" in doc.get("metrics", {}):
+        htpasswd = abspath("metrics.htpasswd")
+        if not os.access(htpasswd, os.R_OK) or not htpasswd.is_file():
+            raise bad("metrics.htpasswd", f"cannot read {htpasswd}")
+    allow = get("metrics.allow", [])
+    if not isinstance(allow, list) or not all(isinstance(n, str) for n in allow):
+        raise bad("metrics.allow", f"want a list of networks, got {allow!r}")
+    for n in allow:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError as exc:
+            raise bad("metrics.allow", str(exc)) from None
     may_write = get("may_write", True)
     if not isinstance(may_write, bool):
         raise bad("may_write", f"want true or false, got {may_write!r}")
@@ -226,7 +248,8 @@ def parse(doc: dict[str, Any], path: Path) -> HostConfig:
     return HostConfig(path=path, name=name, address=address, prefixlen=net.prefixlen,
                       bridge=bridge, run_dir=abspath("run_dir", str(DEFAULT_RUN_DIR)),
                       prefix=prefix, pki_dir=pki_dir, metrics_listen=metrics, peers=peers,
-                      netns=ns, authorized_keys=keys, may_write=may_write)
+                      netns=ns, authorized_keys=keys, may_write=may_write,
+                      metrics_tls=m_tls, metrics_htpasswd=htpasswd, metrics_allow=tuple(allow))
 
 
 def _listen(value: str, bad: Any) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from keeper.errors import KeeperError
 from keeper.lab import topology
@@ -62,27 +63,31 @@ def run(args: argparse.Namespace) -> int:
         return CONFIG_ERROR
     spec = cfg.spec(ns)
     if args.check:
+        where = (f"{'https' if cfg.metrics_tls else 'http'}://{cfg.metrics_listen[0]}:"
+                 f"{cfg.metrics_listen[1]}/metrics" if cfg.metrics_listen else "off")
         print(f"{cfg.path}: host {cfg.name} in netns {ns}, management {cfg.address}/"
               f"{cfg.prefixlen} on {cfg.bridge}, peers "
               f"{', '.join(f'{p}={ip}' for p, ip in cfg.peers.items()) or 'none'}, run dir "
-              f"{cfg.run_dir}, metrics on {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}")
+              f"{cfg.run_dir}, metrics {where}")
         return 0
     from keeper.lab import sshkeys
 
     cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     sshkeys.ensure_login_key(spec, cfg.authorized_keys)
+    from keeper.hostd.metrics_http import MetricsConfig
+
+    listen = cfg.metrics_listen
+    metrics = MetricsConfig(listen=f"{listen[0]}:{listen[1]}" if listen else "off",
+                            tls=cfg.metrics_tls, htpasswd=cfg.metrics_htpasswd,
+                            allow=cfg.metrics_allow)
     return _serve(spec, cfg.name, may_write=cfg.may_write and not args.no_may_write,
-                  metrics_listen=cfg.metrics_listen)
+                  metrics=metrics)
 
 
-def _serve(spec: LabSpec, host: str, *, may_write: bool,
-           metrics_listen: tuple[str, int] | None = None) -> int:
+def _serve(spec: LabSpec, host: str, *, may_write: bool, metrics: Any = None) -> int:
     import uvloop
 
     from keeper.hostd.serve import serve
 
     logging.getLogger().setLevel(logging.INFO)
-    # TODO(metrics): hand metrics_listen to serve() once its HTTP /metrics server takes
-    # a listen address; until then the agent's /metrics stays on its Unix socket.
-    del metrics_listen
-    return uvloop.run(serve(spec, host, may_write=may_write))
+    return uvloop.run(serve(spec, host, may_write=may_write, metrics=metrics))

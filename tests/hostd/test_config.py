@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,8 @@ from keeper.http import Http
 from keeper.lab import ops
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
+from keeper.net import netns
+from tests.conftest import lab_processes
 
 GUEST = "guest1"
 PROMPT = b"guest1:~$ "
@@ -92,6 +95,11 @@ def test_pki_init_issue_list_and_a_config_that_uses_them(tmp_path: Path) -> None
     assert (cfg.name, cfg.address, cfg.prefixlen, cfg.peers) == (
         "a", "198.18.0.1", 24, {"b": "198.18.0.2"})
     assert cfg.metrics_listen == ("198.18.0.1", 9464)  # keeper.ports.METRICS by default
+    off = config.load(write_config(tmp_path / "off.toml", name="a", metrics_listen="off",
+                                   management_address="198.18.0.1/24", pki={"dir": str(pki)},
+                                   metrics={"tls": True, "allow": ["198.18.0.0/15"]}))
+    assert (off.metrics_listen, off.metrics_tls, off.metrics_allow) == (
+        None, True, ("198.18.0.0/15",))
     spec = cfg.spec("dom0")
     assert spec.rundir == tmp_path / "run" and spec.pki == pki
     assert spec.host("b").agent_url == "https://198.18.0.2:7480"
@@ -102,6 +110,14 @@ def test_pki_init_issue_list_and_a_config_that_uses_them(tmp_path: Path) -> None
     assert no_ca.returncode == 1 and "keeper pki init" in no_ca.stderr
     bad = keeper("pki", "issue", "--dir", str(ca), "--host", "Bad_Name", "--ip", "198.18.0.3")
     assert bad.returncode == 1 and "DNS label" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def host_a_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    tls.make_ca(d)
+    tls.issue_host(d, "a", "198.18.0.1")
+    return d
 
 
 @pytest.mark.parametrize(("fields", "field", "says"), [
@@ -128,13 +144,20 @@ def test_pki_init_issue_list_and_a_config_that_uses_them(tmp_path: Path) -> None
      "netns", "no network namespace"),
     ({"name": "a", "management_address": "198.18.0.1/24",
       "ssh": {"authorized_keys": "/nonexistent/keys"}}, "ssh.authorized_keys", "cannot read"),
+    ({"name": "a", "management_address": "198.18.0.1/24", "metrics": {"tls": 1}},
+     "metrics.tls", "true or false"),
+    ({"name": "a", "management_address": "198.18.0.1/24", "metrics": {"allow": ["x/8"]}},
+     "metrics.allow", "does not appear to be"),
+    ({"name": "a", "management_address": "198.18.0.1/24", "metrics": {"htpasswd": "/no/f"}},
+     "metrics.htpasswd", "cannot read"),
+    ({"name": "a", "management_address": "198.18.0.1/24", "metrics": {"port": 1}},
+     "metrics.port", "unknown field"),
     ({"name": "a", "management_address": "198.18.0.5/24"}, "pki.dir", "not 198.18.0.5"),
     ({"name": "b", "management_address": "198.18.0.1/24"}, "pki.dir", "b.key or b.crt missing"),
 ])
 def test_a_config_mistake_names_the_field_and_exits_2(
-        tmp_path: Path, fields: dict[str, Any], field: str, says: str) -> None:
-    pki = make_pki(tmp_path, {"a": "198.18.0.1"})["a"]
-    fields.setdefault("pki", {"dir": str(pki)})
+        tmp_path: Path, host_a_pki: Path, fields: dict[str, Any], field: str, says: str) -> None:
+    fields.setdefault("pki", {"dir": str(host_a_pki)})
     path = write_config(tmp_path / "hostd.toml", **fields)
     with pytest.raises(config.ConfigError) as caught:
         config.load(path)
@@ -164,6 +187,18 @@ def test_the_shipped_example_is_valid_but_for_its_credentials() -> None:
 
 
 # -- root: two agents from config files, no `keeper lab up` ------------------------------
+
+
+def scrape(ns: str, addr: tuple[str, int]) -> bytes:
+    """GET /metrics from a socket made in namespace `ns` (a machine on the network)."""
+    with netns.entered(ns):
+        sock = socket.create_connection(addr, timeout=10)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
 
 
 class Agent:
@@ -216,6 +251,7 @@ async def test_two_agents_from_config_files_co_migrate_a_guest(
     common = {"namespace_prefix": network.name, "bridge": "br0"}
     a_cfg = write_config(tmp_path / "a.toml", name="a", management_address="198.18.0.1/24",
                          run_dir=str(run / "hostd-a"), netns=a_ns, **common,
+                         metrics_listen="198.18.0.1:9469",
                          pki={"dir": str(pki["a"])}, peers={"b": "198.18.0.2"})
     b_cfg = write_config(tmp_path / "b.toml", name="b", management_address="198.18.0.2/24",
                          run_dir=str(run / "hostd-b"), **common,
@@ -234,6 +270,11 @@ async def test_two_agents_from_config_files_co_migrate_a_guest(
         status = [await agent.ready() for agent in agents]
         assert [(s["host"], s["netns"], s["mgmt_ip"]) for s in status] == [
             ("a", a_ns, "198.18.0.1"), ("b", b_ns, "198.18.0.2")]
+        # the config's metrics_listen reached the agent (b: the default port)
+        assert [s.get("metrics_url") for s in status] == [
+            "http://198.18.0.1:9469/metrics", "http://198.18.0.2:9464/metrics"]
+        page = await asyncio.to_thread(scrape, network.client_ns, ("198.18.0.1", 9469))
+        assert page.startswith(b"HTTP/1.1 200") and b"keeper_hostd_" in page
         spec_a, spec_b = agents[0].spec, agents[1].spec
         await ops.call(spec_a, "a", "POST", "/guest", timeout=120, json={
             "name": GUEST, "ip": GUEST_IP, "mac": GUEST_MAC, "mem_mb": 16,
@@ -266,3 +307,4 @@ async def test_two_agents_from_config_files_co_migrate_a_guest(
             agent.stop()
     for agent in agents:
         assert agent.proc.returncode == 0, agent.log.read_text()[-2000:]
+    assert not lab_processes(network.name)  # agents, Domain Rs and guests all ended
