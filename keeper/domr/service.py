@@ -94,14 +94,14 @@ def build_app(domr: DomainR) -> web.Application:
         # this host's agent must take this R with it (docs/design.md, the window)
         return web.json_response({"phase": domr.phase.value})
 
-    @routes.post("/hold")
-    @guarded
     @routes.post("/confirm")
     @guarded
     async def confirm(_: web.Request) -> web.StreamResponse:
         _die_with_parent(False)  # the move is settled: outlive an agent restart, like a VM
         return web.json_response({"phase": domr.phase.value, "confirmed": True})
 
+    @routes.post("/hold")
+    @guarded
     async def hold(request: web.Request) -> web.StreamResponse:
         body = await control.body(request, Hold)
         await domr.hold_input(body.on)
