@@ -35,7 +35,7 @@ from keeper.qemu.chardev import ChardevConsole, ChardevState
 from keeper.qemu.display import QemuDisplay, QemuDisplayState
 from keeper.ssh.host import SshConfig, SshHost
 from keeper.vnc.server import VncHost, VncHostCheckpoint
-from keeper.web.service import WebHost
+from keeper.web.service import WebHost, WebHostCheckpoint
 
 log = logging.getLogger("keeper.domr")
 
@@ -75,14 +75,17 @@ class MoveStats:
 
 def _keys_held(part: Any) -> int:
     """Client input in a service's checkpoint that the guest has not taken yet: the raw
-    console's bytes (kernel queue and session), VNC's key presses. (SSH's is ciphertext
-    in the kernel queue: not counted as keys.)"""
+    console's bytes (kernel queue and session), VNC's and the web console's key presses.
+    (SSH's is ciphertext in the kernel queue: not counted as keys.)"""
     if isinstance(part, RawConsoleCheckpoint):
         return part.queued_in
     if isinstance(part, VncHostCheckpoint):
         groups = [g for c in part.sessions for g in c.session.pending_input] + part.orphaned
-        return sum(1 for g in groups for kind, _, down in g if kind == "key" and down)
-    return 0
+    elif isinstance(part, WebHostCheckpoint):  # a browser's VNC sessions (noVNC)
+        groups = [g for c in part.sessions for g in c.session.vnc.pending_input]
+    else:
+        return 0
+    return sum(1 for g in groups for kind, _, down in g if kind == "key" and down)
 
 
 class DomainR:

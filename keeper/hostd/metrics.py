@@ -32,7 +32,7 @@ PAGES_RECEIVED = Counter("keeper_hostd_pages_received_total",
                          "Guest pages received from other hosts", registry=REGISTRY)
 ROUNDS = Counter("keeper_hostd_precopy_rounds_total", "Pre-copy rounds, final ones included",
                  registry=REGISTRY)
-RMS = ("console", "ssh", "vnc")
+RMS = ("console", "ssh", "vnc", "web")
 SESSIONS_MOVED = Counter("keeper_hostd_sessions_moved_total",
                          "Client sessions moved with their Domain R, by RMS", ["rms"],
                          registry=REGISTRY)
@@ -41,7 +41,7 @@ SESSIONS_LEFT = Counter("keeper_hostd_sessions_left_behind_total",
                         "until it exited), by RMS", ["rms"], registry=REGISTRY)
 KEYS_HELD = Counter("keeper_hostd_keys_held_total",
                     "Client input Domain R held across a switchover and delivered on the "
-                    "target, by RMS (console/ssh: bytes, vnc: key events)", ["rms"],
+                    "target, by RMS (console: bytes, vnc and web: key presses)", ["rms"],
                     registry=REGISTRY)
 CLIENT_RETRANSMITS = Counter(
     "keeper_hostd_client_retransmits_total",
@@ -94,7 +94,8 @@ class Observed(Protocol):
 
 
 # where each RMS's sessions are in a Domain R's /status (keeper.domr.server.STATUS_KEYS)
-_STATUS_KEYS = {"console": "sessions", "ssh": "ssh_sessions", "vnc": "vnc_sessions"}
+_STATUS_KEYS = {"console": "sessions", "ssh": "ssh_sessions", "vnc": "vnc_sessions",
+                "web": "web_sessions"}
 DOMR_TIMEOUT = 2.0
 
 
