@@ -76,6 +76,8 @@ class HostAgent:
         self._peers: dict[str, PeerClient] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.moves = 0
+        self.started = time.time()  # a peer tells a restarted agent by this (the window)
+        self.outgoing: dict[str, str] = {}  # guest -> "driving" or how its last move ended
         self.drills = Drills()
         self.wire = ClientWire()  # client retransmissions on this host's wire
         self.metrics_url: str | None = None  # set by serve() once /metrics listens

@@ -67,7 +67,8 @@ def domr_link(agent: HostAgent, name: str, target: str, *, guest: bool) -> DomrL
     entry = agent.domr(name)
     req = PrepareDomr(name=name, ip=entry.ip, mac=entry.mac, announce=entry.announce,
                       announce_schedule=entry.announce_schedule, guest=guest,
-                      kind="qemu" if entry.devices is not None else "sim")
+                      kind="qemu" if entry.devices is not None else "sim",
+                      source=agent.host.name)
 
     async def set_link(up: bool) -> None:
         await agent.set_link(name, up=up)
@@ -155,10 +156,12 @@ async def move_domr(agent: HostAgent, name: str, target: str) -> Trace:
     _check_target(agent, name, target)
     entry = agent.domr(name)
     entry.state = "moving"
+    agent.outgoing[name] = "driving"
     try:
         trace = await DomrMove(name, agent.host.name, target,
                                domr_link(agent, name, target, guest=False)).run()
     finally:
+        agent.outgoing[name] = "done"
         if name in agent.domrs:
             entry.state = "running"
     agent.moves += 1
@@ -186,6 +189,7 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
         plan = CoMigration(name, agent.host.name, target, agent.peer(target), guest,
                            domr_link(agent, name, target, guest=True), progress=progress)
     drill = _cancel_drill(agent, plan)
+    agent.outgoing[name] = "driving"  # the target may ask (keeper.hostd.target)
     g.state = "moving"
     if r is not None:
         r.state = "moving"
@@ -206,6 +210,7 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
         metrics.MIGRATIONS.labels(result="rolled_back").inc()
         raise
     finally:
+        agent.outgoing[name] = plan.trace.info.get("outcome", "failed")
         for item in (agent.guests.entries.get(name), agent.qemu.entries.get(name),
                      agent.domrs.get(name)):
             if item is not None:

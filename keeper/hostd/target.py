@@ -5,6 +5,8 @@ its failure drill, and does one step; cancels are idempotent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -12,12 +14,15 @@ from typing import TYPE_CHECKING, Any
 from keeper.errors import BadRequest, KeeperError
 from keeper.hostd import metrics
 from keeper.migrate import pagestream
-from keeper.migrate.peer import DeviceLinks, IncomingGuest, PrepareDomr, SoloLinks
+from keeper.migrate.peer import DeviceLinks, IncomingGuest, PrepareDomr, SoloLinks, refused
 from keeper.net import placement
 from keeper.qemu.machine import TcpConsoles
 
 if TYPE_CHECKING:
     from keeper.hostd.agent import HostAgent
+
+log = logging.getLogger("keeper.hostd")
+WATCH_PERIOD = 1.0  # s: how often a target holding an unsettled pair asks its source
 
 
 class AgentTarget:
@@ -29,6 +34,15 @@ class AgentTarget:
         # rollback may still discard them (their run is invisible until R serves)
         self.provisional: set[str] = set()
         self.fenced: dict[str, int] = {}  # Domain R name -> the epoch refused here
+        # restored pairs not settled yet: name -> (source host, when prepared here)
+        self.watching: dict[str, tuple[str, float]] = {}
+        self._watches: set[asyncio.Task[None]] = set()
+
+    def migration(self, name: str) -> dict[str, Any]:
+        """(as a source) Whether this agent drives `name`'s move, or how it ended;
+        `started` lets a target tell a restarted agent (which knows nothing of it)."""
+        return {"state": self.agent.outgoing.get(name, "unknown"),
+                "started": self.agent.started}
 
     def identity(self) -> dict[str, Any]:
         return {"host": self.agent.host.name, "mgmt_ip": self.agent.host.mgmt_ip}
@@ -216,6 +230,8 @@ class AgentTarget:
         await a.start_domr(req.name, req.ip, req.mac, restore=True, announce=req.announce,
                            announce_schedule=req.announce_schedule, guest=req.guest,
                            kind=req.kind)
+        if req.source:
+            self.watching[req.name] = (req.source, time.time())
         return {"ready": req.name}
 
     async def restore_domr(self, name: str, checkpoint: bytes,
@@ -232,6 +248,10 @@ class AgentTarget:
         a.drills.check("restored")
         entry.state = "restored"
         entry.epoch = epoch
+        if name in self.watching:  # this host now holds all of the pair: watch its source
+            task = asyncio.create_task(self._watch(name), name=f"watch-{name}")
+            self._watches.add(task)
+            task.add_done_callback(self._watches.discard)
         return {"sessions": restored["sessions"], "restore_ms": restored["restore_ms"],
                 "restore_call_ms": (time.monotonic() - t0) * 1e3, "epoch": epoch}
 
@@ -272,6 +292,7 @@ class AgentTarget:
                     and entry.proc.poll() is None:
                 await entry.control.call("POST", "/confirm", timeout=10)
                 self.provisional.discard(name)
+                self.watching.pop(name, None)
                 return {"state": "resumed", "epoch": entry.epoch}
             epoch = entry.epoch if entry is not None else -1
             if entry is not None and entry.state in ("incoming", "restored", "resuming",
@@ -280,9 +301,61 @@ class AgentTarget:
             return {"state": "fenced", "epoch": epoch}
 
     async def _fence(self, name: str, epoch: int) -> None:
+        self.watching.pop(name, None)
         self.fenced[name] = max(epoch, self.fenced.get(name, -1))
         await self.agent.set_link(name, up=False)
         await self.agent.stop_domr(name)
+
+    async def _watch(self, name: str) -> None:
+        """While this host holds a restored pair whose move has not settled, ask the
+        source now and then. If its agent is gone (connection refused) or is a new
+        one (started after the prepare: the old one died, and the source's U and
+        unconfirmed state with it), nothing can restart the source's copy, so this
+        host takes the pair over: U runs, R leaves repair mode, and is confirmed.
+        A silent source (a partition, or slow) is waited for, never guessed about;
+        a source that rolled back without reaching us has its leftovers removed."""
+        while name in self.watching:
+            await asyncio.sleep(WATCH_PERIOD)
+            if name not in self.watching:
+                return
+            source, since = self.watching[name]
+            try:
+                doc = await self.agent.peer(source).migration(name)
+            except KeeperError as exc:
+                if not refused(exc):
+                    continue
+                doc = {"state": "gone", "started": 0.0}
+            state = doc.get("state")
+            if state == "driving" and float(doc.get("started", 0.0)) <= since:
+                continue
+            if state == "rolled_back" and float(doc.get("started", 0.0)) <= since:
+                log.warning("the source %s rolled back %s: removing what is left here",
+                            source, name)
+                with contextlib.suppress(KeeperError):
+                    await self.cancel_guest(name)
+                with contextlib.suppress(KeeperError):
+                    await self.cancel_domr(name)
+                return
+            restarted = float(doc.get("started", 0.0)) > since
+            log.warning("the source %s of %s is %s: taking the pair over", source, name,
+                        "a new agent" if restarted else state)
+            try:
+                await self._take_over(name)
+            except KeeperError as exc:
+                log.error("could not take %s over: %s", name, exc)
+            return
+
+    async def _take_over(self, name: str) -> None:
+        a = self.agent
+        g = a.guests.entries.get(name)
+        q = a.qemu.entries.get(name)
+        if (g is not None and g.state == "incoming") or (q is not None and q.state == "incoming"):
+            await self.resume_guest(name)
+        entry = a.domrs.get(name)
+        if entry is not None and entry.state == "restored":
+            await self.resume_domr(name)
+        verdict = await self.settle_domr(name)
+        log.warning("took %s over: %s", name, verdict["state"])
 
     async def cancel_domr(self, name: str) -> dict[str, Any]:
         a = self.agent

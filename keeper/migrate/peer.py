@@ -19,6 +19,8 @@ wrong type is a 400 naming it. Paths are built only by `Paths`.
   cancel_domr(name)               ->   drop a half-made twin (idempotent)
   settle_domr(name)               ->   after RESUME_R: "resumed" (confirmed, B's now)
                                        or "fenced" (B's R gone, its epoch refused)
+  migration(name)                 <-   the target asks the source, once it holds a
+                                       restored pair that has not settled: "driving"?
   wire_domr(name)                 ->   client retransmissions seen there after resume
   baseline_server(name)           ->   the baseline: fresh servers for U there
 """
@@ -63,6 +65,7 @@ class PrepareDomr:
     announce_schedule: str = DEFAULT_SCHEDULE
     guest: bool = False  # serves a guest (a domain of the hypervisor), not the echo service
     kind: str = "sim"  # the guest's: sim (hypercall channel) | qemu (device channel)
+    source: str = ""  # the host driving the move (asked if it goes silent; the window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class Paths:
     resume_domr = staticmethod(lambda name: f"/peer/domr/{name}/resume")
     cancel_domr = staticmethod(lambda name: f"/peer/domr/{name}/cancel")
     settle_domr = staticmethod(lambda name: f"/peer/domr/{name}/settle")
+    migration = staticmethod(lambda name: f"/peer/migration/{name}")
     wire_domr = staticmethod(lambda name: f"/peer/domr/{name}/wire")
     status = "/status"
 
@@ -146,6 +150,10 @@ class PeerClient:
     async def settle_domr(self, name: str) -> dict[str, Any]:
         return await self.http.call("POST", Paths.settle_domr(name), timeout=SETTLE_TIMEOUT)
 
+    async def migration(self, name: str) -> dict[str, Any]:
+        """(target -> source) {"state": "driving" | an outcome | "unknown", "started"}."""
+        return await self.http.call("GET", Paths.migration(name), timeout=5)
+
     async def wire_domr(self, name: str) -> dict[str, Any]:
         """What the clients' TCP cost after the resume there (keeper.hostd.clientwire);
         answers once the target's window closed."""
@@ -170,6 +178,7 @@ class Target(Protocol):
     async def resume_domr(self, name: str) -> dict[str, Any]: ...
     async def cancel_domr(self, name: str) -> dict[str, Any]: ...
     async def settle_domr(self, name: str) -> dict[str, Any]: ...
+    async def migration(self, name: str) -> dict[str, Any]: ...
     async def wire_domr(self, name: str) -> dict[str, Any]: ...
     def identity(self) -> dict[str, Any]: ...
 
@@ -237,6 +246,7 @@ def routes(target: Target, guarded: Callable[[control.Handler], control.Handler]
     r.post(Paths.resume_domr("{name}"))(named(target.resume_domr))
     r.post(Paths.cancel_domr("{name}"))(named(target.cancel_domr))
     r.post(Paths.settle_domr("{name}"))(named(target.settle_domr))
+    r.get(Paths.migration("{name}"))(named(target.migration))
     r.get(Paths.wire_domr("{name}"))(named(target.wire_domr))
     return r
 

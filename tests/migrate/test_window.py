@@ -26,3 +26,20 @@ async def test_one_domain_r_serves_and_nothing_is_lost(lab: LabSpec,
         assert row.extra["migration"] == "failed" and "stays on a" in row.extra["error"]
     elif case.on == "target":  # the answer was lost, yet the source learnt B serves
         assert row.extra["migration"] == "migrated" and row.extra["settled"] == "resumed"
+
+
+async def test_target_host_dies_after_its_domain_r_served_the_guest_goes_on_at_the_source(
+        lab: LabSpec) -> None:
+    """The one case the design cannot make lossless (docs/design.md, the window): b's
+    agent dies in the instant after b's Domain R left repair mode, before settling.
+    b's R was not confirmed, so it died with its agent (its sessions reset); the
+    source rolls back, and the guest goes on at a from its final copy, with exactly
+    one Domain R, which serves a new session."""
+    case = window.Case("window/target-agent-crash/resumed", "target", "resumed", "crash",
+                       "source")
+    row = await window.run_case(lab, case)
+    assert row.extra["serving"] == ["a"], row.doc()
+    assert row.extra["migration"] == "failed" and "stays on a" in row.extra["error"]
+    assert row.extra["duplicated"] == 0, row.doc()
+    fresh = await window.fresh_session(lab)
+    assert fresh["lost"] == 0 and fresh["sent"] > 20 and fresh["errors"] == [], fresh
