@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from typing import Any
 
 from common import OUT, lab, need_root, save
 
+from keeper.errors import KeeperError
 from keeper.hostd import procs
 from keeper.lab import ops, procstat
 from keeper.lab.chorus import Chorus, check, open_voice
@@ -101,53 +103,66 @@ def _stats(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 3)}
 
 
+async def ping_pong(args: argparse.Namespace, spec: LabSpec, chorus: Chorus,
+                    series: dict[str, dict[str, list[int]]], migrations: list[dict[str, Any]],
+                    say: Any, started: float) -> str | None:
+    """Type while guest1 migrates a→b→a… `args.migrations` times, sampling as asked;
+    what stopped it early, if anything."""
+    failure = None
+    stop = asyncio.Event()
+    typing = asyncio.create_task(chorus.run(stop))
+    try:
+        await asyncio.sleep(args.interval)
+        say(f"sample at 0: {await take_sample(spec, 0, series)}")
+        where = "a"
+        for i in range(1, args.migrations + 1):
+            if typing.done() or any(v.errors for v in chorus.voices):
+                return "a session stopped typing"
+            where = "b" if where == "a" else "a"
+            t0 = time.monotonic()
+            trace = await ops.migrate(spec, GUEST, where)
+            marks = {m["name"]: m["ms"] for m in trace["marks"]}
+            migrations.append({
+                "s": round(time.monotonic() - t0, 3), "trace_ok": trace["trace_ok"],
+                "downtime_ms": trace["downtime_ms"],
+                "phases_ms": {p: marks[p] for p in PHASES if p in marks}})
+            if args.interval:
+                await asyncio.sleep(args.interval)
+            if i % args.sample_every == 0 or i == args.migrations:
+                recent = [m["s"] for m in migrations[-args.sample_every:]]
+                say(f"sample at {i} ({statistics.median(recent):.2f} s/migration, "
+                    f"{time.monotonic() - started:.0f} s so far): "
+                    f"{await take_sample(spec, i, series)}")
+    except KeeperError as exc:  # a failed migration: report it with what we have
+        failure = f"{type(exc).__name__}: {exc}"
+    finally:
+        stop.set()
+        await typing
+    return failure
+
+
 async def soak(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="keeper-soak-"))
     series: dict[str, dict[str, list[int]]] = {}
     migrations: list[dict[str, Any]] = []
-    failure = None
     try:
         async with lab("sk") as spec:
             await ops.create_guest(spec, GUEST, "a", mem_mb=args.mem_mb)
             ip = next(d["ip"] for d in (await ops.status(spec))["domains"]
                       if d["name"] == GUEST)
             before = (await ops.journal(spec, GUEST))["count"]
-            voices = [await open_voice(spec, ip, rms, work) for rms in RMS]
-            chorus = Chorus(voices, period=args.period)
-            stop = asyncio.Event()
-            typing = asyncio.create_task(chorus.run(stop))
+            chorus = Chorus([], period=args.period)
+            voices = chorus.voices
             try:
-                await asyncio.sleep(args.interval)
-                say(f"sample at 0: {await take_sample(spec, 0, series)}")
-                where = "a"
-                for i in range(1, args.migrations + 1):
-                    if typing.done() or any(v.errors for v in voices):
-                        failure = "a session stopped typing"
-                        break
-                    where = "b" if where == "a" else "a"
-                    t0 = time.monotonic()
-                    trace = await ops.migrate(spec, GUEST, where)
-                    marks = {m["name"]: m["ms"] for m in trace["marks"]}
-                    migrations.append({
-                        "s": round(time.monotonic() - t0, 3), "trace_ok": trace["trace_ok"],
-                        "downtime_ms": trace["downtime_ms"],
-                        "phases_ms": {p: marks[p] for p in PHASES if p in marks}})
-                    if args.interval:
-                        await asyncio.sleep(args.interval)
-                    if i % args.sample_every == 0 or i == args.migrations:
-                        recent = [m["s"] for m in migrations[-args.sample_every:]]
-                        say(f"sample at {i} ({statistics.median(recent):.2f} s/migration, "
-                            f"{time.monotonic() - started:.0f} s so far): "
-                            f"{await take_sample(spec, i, series)}")
-            except Exception as exc:  # a failed migration: report it with what we have
-                failure = f"{type(exc).__name__}: {exc}"
-            finally:
-                stop.set()
-                await typing
-            await asyncio.sleep(1.0)  # the last keys reach the guest
-            alive = await chorus.alive()
-            await chorus.close()
+                for rms in RMS:
+                    voices.append(await open_voice(spec, ip, rms, work))
+                failure = await ping_pong(args, spec, chorus, series, migrations, say,
+                                          started)
+                await asyncio.sleep(1.0)  # the last keys reach the guest
+                alive = await chorus.alive()
+            finally:  # also when interrupted: no client process outlives the bench
+                await chorus.close()
             await asyncio.sleep(0.5)
             journal = (await ops.journal(spec, GUEST))["journal"][before:]
     finally:
@@ -184,6 +199,15 @@ async def soak(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         "series": series, "verdicts": judged, "grew": grew,
         "per_migration_s": [m["s"] for m in migrations],
     }
+
+
+async def interruptible(coro: Any) -> Any:
+    """Run `coro`; SIGTERM or SIGINT cancels it, so its lab is taken down."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
 
 
 def ok(doc: dict[str, Any]) -> bool:
@@ -255,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     need_root("bench/soak.py")
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (
         lambda *a: print(*a, flush=True))
-    doc = asyncio.run(soak(args, say))
+    try:
+        doc = asyncio.run(interruptible(soak(args, say)))
+    except asyncio.CancelledError:
+        say("interrupted: the lab and its sessions are removed")
+        return 130
     doc["ok"] = ok(doc)
     path = save("soak", doc, args.out)
     say(table(doc))

@@ -14,7 +14,7 @@ from keeper.lab.faults import wire
 from keeper.lab.topology import LabSpec
 from keeper.net import netns
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("rms", wire.RMS)
