@@ -205,8 +205,8 @@ class MigrationProgress:
     def __call__(self, line: dict[str, Any]) -> None:
         phase = str(line.get("phase", "?"))
         if phase == "pre-copy":
-            if "pages" in line:  # the simulated guest: one line per round
-                self.rounds += 1
+            if "pages" in line:  # the simulated guest: one line per pre-copy round
+                self.rounds = max(self.rounds + 1, int(line.get("round") or 0))
                 self.bytes += int(line["pages"]) * 4096
             else:  # QEMU: one line per poll of query-migrate (its passes are its own)
                 self.rounds = -1
@@ -227,7 +227,7 @@ class MigrationProgress:
         self._bar.update(self._task, description=f"{self.name}: {where}",
                          total=self.mem_bytes or None,
                          completed=min(self.bytes, self.mem_bytes) if self.mem_bytes else 0,
-                         info=(f"round {self.rounds}  " if self.rounds >= 0 else "")
+                         info=(f"pre-copy round {self.rounds}  " if self.rounds >= 0 else "")
                          + f"{self.bytes / 2**20:7.1f} MiB sent  sync {self.points}/7")
 
 
