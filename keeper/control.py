@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
+import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -92,6 +94,29 @@ def parse(cls: type[T], doc: Any) -> T:
             continue
         out[name] = _check(name, hints[name], doc[name])
     return cls(**out)
+
+
+def ipv4(field: str, value: str) -> None:
+    """A BadRequest unless `value` is a unicast IPv4 address (a Domain R's own)."""
+    try:
+        addr = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise BadRequest(f"field {field!r} must be an IPv4 address, not {value[:60]!r}") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or value != str(addr) \
+            or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise BadRequest(f"field {field!r}: {value} cannot be a Domain R's address")
+
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+def mac(field: str, value: str) -> None:
+    """A BadRequest unless `value` is a unicast Ethernet address, aa:bb:cc:dd:ee:ff."""
+    if not _MAC.fullmatch(value):
+        raise BadRequest(f"field {field!r} must be a MAC address (02:6b:70:00:00:01), "
+                         f"not {value[:60]!r}")
+    if int(value[:2], 16) & 1:
+        raise BadRequest(f"field {field!r}: {value} is a multicast address")
 
 
 def _check(name: str, kind: Any, value: Any) -> Any:

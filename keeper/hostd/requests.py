@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from keeper import control
 from keeper.arp.garp import DEFAULT_SCHEDULE
 
 
@@ -14,6 +15,10 @@ class CreateDomr:
     mac: str
     announce: bool = True
     announce_schedule: str = DEFAULT_SCHEDULE
+
+    def __post_init__(self) -> None:
+        control.ipv4("ip", self.ip)
+        control.mac("mac", self.mac)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,10 @@ class CreateGuest:
     announce_schedule: str = DEFAULT_SCHEDULE
     mode: str = "keeper"  # keeper | baseline (the servers in Dom0)
     guest: str = "sim"  # sim (keeper's simulated guest) | qemu (a real VM under QEMU)
+
+    def __post_init__(self) -> None:
+        control.ipv4("ip", self.ip)
+        control.mac("mac", self.mac)
 
 
 @dataclass(frozen=True, slots=True)
