@@ -67,6 +67,10 @@ class PrepareDomr:
     kind: str = "sim"  # the guest's: sim (hypercall channel) | qemu (device channel)
     source: str = ""  # the host driving the move (asked if it goes silent; the window)
 
+    def __post_init__(self) -> None:
+        control.ipv4("ip", self.ip)
+        control.mac("mac", self.mac)
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceLinks:
