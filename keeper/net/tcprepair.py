@@ -16,17 +16,25 @@ Restore (`restore`), into a socket of the calling thread's network namespace:
      Re-queueing advances the sequence, hence next minus length (DESIGN.md §5);
   3. connect: no SYN in repair mode, the socket is ESTABLISHED at once;
   4. TCP_REPAIR_OPTIONS (SACK, window scale, timestamps, MSS), TCP_TIMESTAMP;
-  5. re-inject the receive queue, and the sent-but-unacknowledged part of the send
-     queue (so snd_nxt is where the peer thinks it is: an ACK for data "not yet
-     sent" would be dropped and the connection would stall);
+  5. re-inject the receive queue;
   6. TCP_REPAIR_WINDOW last (the kernel checks it against rcv_nxt).
 The socket stays in repair mode until `leave_repair`.
 
 Where we differ from libsoccr: the never-sent part of the send queue is not sent
-mid-restore with repair briefly off (the link is down then, so it would wait for a
-retransmission timeout); it is handed back (`Restored.resend`) for the caller to
-send once the link is up. Nothing here may run while packets can reach the socket:
-the caller keeps the link down (libsoccr's own warning).
+mid-restore with repair briefly off (the link is down then); it is handed back
+(`Restored.resend`) for the caller to send once the link is up, right after
+`leave_repair`. And when the sent-but-unacknowledged part is small (it fits the
+peer's window and a fresh socket's initial congestion window, as keys' echoes do),
+it is handed back too instead of re-injected as sent: re-injected, a segment the
+blackout lost would wait for the restored socket's retransmission timer, and a
+fresh socket has no RTT sample, so its first RTO is 1 s (TCP_TIMEOUT_INIT). Sent as
+new data it goes at once, and what the peer already had it drops as a duplicate.
+Until it is sent, snd_nxt is behind what the peer may acknowledge and the kernel
+drops such an ACK; since it all goes in one flight, the peer's next ACK is accepted.
+A larger part is re-injected as sent (else the peer's ACKs, ahead of snd_nxt, would
+be dropped while the congestion window waits for them: a stall). Nothing here may
+run while packets can reach the socket: the caller keeps the link down (libsoccr's
+own warning).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 TCP_ESTABLISHED = 1
+INIT_CWND = 10  # segments: a new socket's congestion window (TCP_INIT_CWND)
 _WINDOW = struct.Struct("=5I")
 _OPT = struct.Struct("=II")
 _INFO_HEAD = struct.Struct("=8B")  # struct tcp_info up to the window scales
@@ -112,10 +121,10 @@ class TcpRepairRecord:
 
 @dataclass(slots=True)
 class Restored:
-    """A restored socket (still in repair mode) and the never-sent bytes to send once live."""
+    """A restored socket (still in repair mode) and the bytes to send once it is live."""
 
     sock: socket.socket
-    resend: bytes
+    resend: bytes  # the send queue's bytes to send once live (see the module's notes)
 
 
 # Each move makes some 30 of these calls per socket, so they stay cheap (profiled): an
@@ -278,6 +287,8 @@ def restore(rec: TcpRepairRecord) -> Restored:
     sock = socket.socket(rec.family, socket.SOCK_STREAM)
     put, tcp = sock.setsockopt, socket.IPPROTO_TCP
     sent_len = len(rec.outq) - rec.unsent_len
+    if sent_len <= min(rec.snd_wnd, INIT_CWND * rec.mss):
+        sent_len = 0  # sent again as new data, at once (see the module's notes)
     step = "TCP_REPAIR on"
     try:
         try:

@@ -177,3 +177,33 @@ def test_release_in_repair_mode_sends_nothing(pair: Pair) -> None:
     assert not readable, "the client saw a FIN or RST from a socket released in repair mode"
     assert tcp_info(client).state_name == "ESTABLISHED"
     client.close()
+
+
+def test_bytes_lost_in_the_blackout_go_again_at_once(pair: Pair) -> None:
+    """A few bytes the old socket sent into the blackout (lost on the wire: its switch
+    port is down) are handed back and sent again as new data once the new socket is
+    live, not left to its first retransmission timeout (1 s: a restored socket has no
+    RTT sample). The client has them and the new socket retransmitted nothing."""
+    ls, client, server = connect(pair)
+    ls.close()
+    client.sendall(b"k")
+    assert recv_exactly(server, 1) == b"k"
+    pair.link(pair.old, False)
+    server.sendall(b"echo")  # on the wire, and lost there
+    server.setblocking(False)  # as Domain R's are (a timeout would poll before a peek)
+    rec = tcprepair.dump(server)
+    assert (rec.outq, rec.unsent_len) == (b"echo", 0)  # sent, never acknowledged
+    with netns.entered(pair.new):
+        restored = tcprepair.restore(rec)
+    tcprepair.release(server)
+    pair.link(pair.new, True)
+    tcprepair.leave_repair(restored.sock)
+    assert restored.resend == b"echo"
+    restored.sock.sendall(restored.resend)
+    assert recv_exactly(client, 4) == b"echo"
+    client.sendall(b"more")
+    restored.sock.settimeout(5)
+    assert recv_exactly(restored.sock, 4) == b"more"
+    assert tcp_info(restored.sock).total_retrans == 0
+    restored.sock.close()
+    client.close()
