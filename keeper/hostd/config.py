@@ -269,22 +269,23 @@ def _listen(value: str, bad: Any) -> tuple[str, int]:
 # -- where it runs ---------------------------------------------------------------------
 
 
-def enter(cfg: HostConfig) -> str:
-    """Move this thread into the agent's namespace and return its name: `netns` if set,
-    else the one the agent was started in (named `<prefix>-dom0` if it has no name yet,
-    as `ip netns attach` would). Call first, before any thread exists."""
+def enter(cfg: HostConfig) -> tuple[str, bool]:
+    """Move this thread into the agent's namespace; returns its name and whether this
+    call gave it that name: `netns` if set, else the one the agent was started in
+    (named `<prefix>-dom0` if it has no name yet, as `ip netns attach` would). Call
+    first, before any thread exists."""
     if cfg.netns is not None:
         netns.enter(cfg.netns)
-        return cfg.netns
+        return cfg.netns, False
     found = netns.current_name()
     if found is not None:
-        return found
+        return found, False
     name = f"{cfg.prefix}-dom0"
     if netns.exists(name):
         raise ConfigError(cfg.path, "netns", f"/run/netns/{name} names another namespace "
                           "than the one the agent runs in: set `netns`, or remove it")
     netns.attach(name)
-    return name
+    return name, True
 
 
 def check_network(cfg: HostConfig, ns: str) -> None:

@@ -51,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
     from keeper.hostd import config
 
+    named = None
     try:
         cfg = config.load(args.config)
-        ns = config.enter(cfg)  # first, before any thread exists
+        ns, attached = config.enter(cfg)  # first, before any thread exists
+        named = ns if attached and args.check else None  # --check leaves no trace
         config.check_network(cfg, ns)
     except config.ConfigError as exc:
         print(f"keeper hostd: {exc}", file=sys.stderr)
@@ -61,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     except KeeperError as exc:  # a kernel error entering or reading the namespace
         print(f"keeper hostd: {args.config}: {exc}", file=sys.stderr)
         return CONFIG_ERROR
+    finally:
+        if named is not None:
+            netns.remove(named)  # the name only: the namespace is the one we run in
     spec = cfg.spec(ns)
     if args.check:
         where = (f"{'https' if cfg.metrics_tls else 'http'}://{cfg.metrics_listen[0]}:"

@@ -199,6 +199,39 @@ def test_the_shipped_example_is_valid_but_for_its_credentials() -> None:
 # -- root: two agents from config files, no `keeper lab up` ------------------------------
 
 
+@pytest.mark.root
+def test_an_agent_in_a_namespace_without_a_name_names_it(tmp_path: Path, host_a_pki: Path) -> None:
+    """As on a real host (the agent runs in the host's own namespace, which has no name
+    under /run/netns): here a fresh namespace from `unshare --net` with its bridge."""
+    prefix = f"kn{os.getpid() % 100000}"
+    cfg = write_config(tmp_path / "a.toml", name="a", management_address="198.18.0.1/24",
+                       namespace_prefix=prefix, run_dir=str(tmp_path / "run"),
+                       pki={"dir": str(host_a_pki)})
+    machine = (  # the host's network, made with pyroute2 inside the new namespace
+        "from pyroute2 import IPRoute\n"
+        "import subprocess, sys\n"
+        "ip = IPRoute()\n"
+        "ip.link('add', ifname='br0', kind='bridge')\n"
+        "i = ip.link_lookup(ifname='br0')[0]\n"
+        "ip.addr('add', index=i, address='198.18.0.1', prefixlen=24)\n"
+        "ip.link('set', index=i, state='up')\n"
+        "for _ in range(2):\n"
+        "    done = subprocess.run([sys.executable, '-m', 'keeper', 'hostd', '--config',"
+        f" {str(cfg)!r}, '--check'], capture_output=True, text=True)\n"
+        "    print(done.returncode, done.stdout.strip(), done.stderr.strip())\n")
+    try:
+        done = subprocess.run(["unshare", "--net", sys.executable, "-c", machine],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        runs = done.stdout.splitlines()
+        assert len(runs) == 2 and all(r.startswith("0 ") for r in runs), runs
+        assert all(f"in netns {prefix}-dom0, management 198.18.0.1/24 on br0" in r
+                   for r in runs)
+        assert f"{prefix}-dom0" not in netns.netns.listnetns()  # --check leaves no name
+    finally:
+        netns.remove(f"{prefix}-dom0")
+
+
 def scrape(ns: str, addr: tuple[str, int]) -> bytes:
     """GET /metrics from a socket made in namespace `ns` (a machine on the network)."""
     with netns.entered(ns):
