@@ -47,6 +47,12 @@ def encode(ckpt: DomrCheckpoint) -> bytes:
     return serial.dumps(KIND, ckpt)
 
 
+def prepare_decode() -> None:
+    """Before a checkpoint is on its way: the first `decode` then costs no more than
+    the next (keeper.serial.prepare)."""
+    serial.prepare(DomrCheckpoint)
+
+
 def decode(blob: bytes) -> DomrCheckpoint:
     """The checkpoint in `blob`, checked whole before anything of it is restored: its
     size, its shape and types (keeper.serial), and what restoring it would do with

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from keeper import control
 from keeper.arp.garp import parse_schedule
+from keeper.domr import checkpoint as ck
 from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
 from keeper.domr.server import Device, Display, DomainR
@@ -155,6 +156,8 @@ async def serve(args: argparse.Namespace) -> int:
             return 1  # the agent is already gone
     domr.prepare_announcer()
     domr.bind()
+    if args.restore:  # a twin: what decoding takes is worked out before the pause
+        ck.prepare_decode()
     if not args.restore:
         domr.start()
     runner = web.AppRunner(build_app(domr), access_log=None)
