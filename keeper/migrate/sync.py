@@ -46,8 +46,8 @@ Its point of no return is RESUME_R's completion: then B serves with R's IP and M
 
 SOLO (the conventional baseline, in the paper's order): CREATE_U … U created on
 target → ITERATE until converged → STOP_U … U stopped → FINAL_COPY … final copy →
-LINK_U → RESUME_U … U resumed → START_SERVERS … servers started → STOP_SERVERS …
-servers stopped → COMMIT … source released. The source's servers (Dom0's) run
+LINK_U → RESUME_U … U resumed → STOP_SERVERS … servers stopped, and alongside
+START_SERVERS … servers started → COMMIT … source released. The source's servers (Dom0's) run
 through all of it: they keep reading clients' input into the stopped U's devices
 until the source domain is destroyed, and whatever they read after the final copy
 is lost. Point of no return: RESUME_U's completion (the servers never stopped
@@ -298,9 +298,11 @@ TABLES: dict[Plan, Table] = {
             _rule(A.FINAL_COPY, A.STOP_U, on_done=("final copy",)),
             _rule(A.LINK_U, A.FINAL_COPY),
             _rule(A.RESUME_U, A.LINK_U, on_done=("U resumed",)),
+            # the target runs U: the source domain is destroyed, its servers with it
+            # (their clients cut off), while fresh ones start on the target
+            _rule(A.STOP_SERVERS, A.RESUME_U, on_issue=("servers stopped",)),
             _rule(A.START_SERVERS, A.RESUME_U, on_done=("servers started",)),
-            _rule(A.STOP_SERVERS, A.START_SERVERS, on_issue=("servers stopped",)),
-            _rule(A.COMMIT, A.STOP_SERVERS, on_done=("source released",)),
+            _rule(A.COMMIT, A.STOP_SERVERS, A.START_SERVERS, on_done=("source released",)),
         ),
         undo=(
             _undo(A.CANCEL_TARGET, A.CREATE_U),

@@ -75,9 +75,9 @@ BEFORE: dict[Plan, dict[str, set[str]]] = {
         "issue FINAL_COPY": {"done STOP_U"},
         "issue LINK_U": {"done FINAL_COPY"},
         "issue RESUME_U": {"done LINK_U"},
+        "issue STOP_SERVERS": {"done RESUME_U"},  # the source's ran until now
         "issue START_SERVERS": {"done RESUME_U"},
-        "issue STOP_SERVERS": {"done START_SERVERS"},  # the source's ran until now
-        "issue COMMIT": {"done STOP_SERVERS"},
+        "issue COMMIT": {"done STOP_SERVERS", "done START_SERVERS"},
     },
 }
 # Each trace mark (besides "start", the points and the end marks) and the event that
@@ -245,7 +245,7 @@ class Model:
         if self.failed:
             assert self.marks[-1] == END_MARK[self.outcome]  # type: ignore[index]
         for stop, resume in (("U stopped", "U resumed"), ("R stopped", "R resumed"),
-                             ("quiesced", "resumed"), ("servers started", "servers stopped")):
+                             ("quiesced", "resumed"), ("U resumed", "servers stopped")):
             if resume in self.marks:
                 assert self.marks.index(stop) < self.marks.index(resume)
 
@@ -539,9 +539,9 @@ def test_solo_reads_like_the_baseline() -> None:
         done STOP_U           -> FINAL_COPY          |
         done FINAL_COPY       -> LINK_U              | final copy
         done LINK_U           -> RESUME_U            |
-        done RESUME_U         -> START_SERVERS       | U resumed
-        done START_SERVERS    -> STOP_SERVERS        | servers started, servers stopped
-        done STOP_SERVERS     -> COMMIT              |
+        done RESUME_U         -> STOP_SERVERS START_SERVERS | U resumed, servers stopped
+        done STOP_SERVERS     ->                     |
+        done START_SERVERS    -> COMMIT              | servers started
         done COMMIT           -> =MIGRATED           | source released
     """)
     play(Plan.SOLO, """
