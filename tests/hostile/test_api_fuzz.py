@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keeper.lab import ops
+from keeper.lab.faults import hostile as wire
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
-from tests.hostile import wire
 
 pytestmark = pytest.mark.root
 
