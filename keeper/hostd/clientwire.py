@@ -3,8 +3,10 @@
   source  `watch_source(ip)` before the plan runs, `.close()` after: every client
           segment of the pause comes here (the switch moves only at the target's ARP)
   target  `watch(name, ip)` before its link comes up, `resumed(name)` once Domain R
-          serves; the window stays open WINDOW seconds (a client's RTO, backed off
-          once, fits), then `result(name)` answers the source (peer route wire_domr)
+          serves; the window records WINDOW seconds (a client's RTO, backed off
+          once, fits), then `result(name, seeds)` judges what it recorded, seeded
+          with what the source saw of each flow, and answers the source (peer route
+          wire_domr)
   source  `settle(...)`: both counts together, and the pause clients saw, into the
           metrics (keeper.hostd.metrics.observe_client_side)
 
@@ -31,11 +33,11 @@ WINDOW = 1.5  # seconds after the target's resume
 RESULT_TIMEOUT = WINDOW + 10.0
 
 
-def open_tap(ip: str) -> WireTap | None:
+def open_tap(ip: str, *, record: bool = False) -> WireTap | None:
     """A started tap, or None (logged) where packet sockets are not allowed: the
     migration does not depend on it."""
     try:
-        tap = WireTap(ip)
+        tap = WireTap(ip, record=record)
     except KeeperError as exc:
         log.warning("no client retransmission count for %s: %s", ip, exc)
         return None
@@ -47,8 +49,7 @@ def open_tap(ip: str) -> WireTap | None:
 class _Window:
     tap: WireTap | None
     resumed: float | None = None
-    done: asyncio.Future[dict[str, Any]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ClientWire:
@@ -67,7 +68,7 @@ class ClientWire:
         old = self._windows.pop(name, None)
         if old is not None and old.tap is not None:
             old.tap.close()
-        self._windows[name] = _Window(open_tap(ip))
+        self._windows[name] = _Window(open_tap(ip, record=True))
 
     def resumed(self, name: str) -> None:
         w = self._windows.get(name)
@@ -86,42 +87,49 @@ class ClientWire:
         try:
             await asyncio.sleep(WINDOW)
         finally:
-            counter = w.tap.close() if w.tap is not None else None
-            doc: dict[str, Any] = {"retransmits": None, "retransmit_wait_ms": None}
-            if counter is not None:
-                metrics.CLIENT_RETRANSMITS.inc(counter.retransmits)
-                first = counter.first_retransmit()
-                doc = {"retransmits": counter.retransmits,
-                       "flows": len(counter.flows),
-                       "retransmit_wait_ms": None if first is None or w.resumed is None
-                       else round(max(0.0, first - w.resumed) * 1e3, 3)}
-            if not w.done.done():
-                w.done.set_result(doc)
+            if w.tap is not None:
+                w.tap.close()
+            w.done.set()
 
-    async def result(self, name: str) -> dict[str, Any]:
+    async def result(self, name: str, highs: dict[str, int]) -> dict[str, Any]:
+        """Once the window closed: the recorded segments judged, seeded with `highs`
+        (what the source saw of each flow). Once per window."""
         w = self._windows.get(name)
         if w is None:
             raise KeeperError(f"no client wire window for {name}")
         try:
-            return await asyncio.wait_for(asyncio.shield(w.done), RESULT_TIMEOUT)
-        finally:
-            if self._windows.get(name) is w and w.done.done():
-                del self._windows[name]
+            await asyncio.wait_for(w.done.wait(), RESULT_TIMEOUT)
+        except TimeoutError:
+            raise KeeperError(f"the client wire window of {name} did not close") from None
+        if self._windows.get(name) is w:
+            del self._windows[name]
+        if w.tap is None:
+            return {"retransmits": None, "retransmit_wait_ms": None}
+        counter = w.tap.replay(highs)
+        metrics.CLIENT_RETRANSMITS.inc(counter.retransmits)
+        first = counter.first_retransmit()
+        return {"retransmits": counter.retransmits, "flows": len(counter.flows),
+                "retransmit_wait_ms": None if first is None or w.resumed is None
+                else round(max(0.0, first - w.resumed) * 1e3, 3)}
 
     # -- source ---------------------------------------------------------------------
 
     def settle(self, name: str, source: WireTap | None, r_downtime_ms: float,
-               ask_target: Callable[[], Awaitable[dict[str, Any]]]) -> int | None:
+               ask_target: Callable[[dict[str, int]], Awaitable[dict[str, Any]]]
+               ) -> int | None:
         """After a co-migration: close the source's tap (its count is returned) and,
-        once the target's window closed, observe the clients' cost."""
+        once the target judged its window with what the source saw, observe the
+        clients' cost."""
         if source is None:
             return None
-        here = source.close().retransmits
+        counter = source.close()
+        here = counter.retransmits
         metrics.CLIENT_RETRANSMITS.inc(here)
+        highs = counter.highs()
 
         async def finish() -> None:
             try:
-                there = await ask_target()
+                there = await ask_target(highs)
             except KeeperError as exc:
                 log.warning("client retransmissions of %s on the target: %s", name, exc)
                 return

@@ -19,7 +19,7 @@ from keeper.hostd.agent import HostAgent
 from keeper.hostd.guests import GuestEntry
 from keeper.hostd.qemu_guests import QemuGuestEntry
 from keeper.migrate.domr import DomrLink
-from keeper.migrate.peer import IncomingGuest, PrepareDomr
+from keeper.migrate.peer import IncomingGuest, PrepareDomr, WireSeeds
 from keeper.migrate.plans import CoMigration, DomrMove, GuestMigrator, Progress, SoloMigration
 from keeper.migrate.qemu import QemuGuest
 from keeper.migrate.sim import SimGuest
@@ -231,5 +231,6 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
     if tap is not None:
         peer = agent.peer(target)
         summary["retransmits_client_source"] = agent.wire.settle(
-            name, tap, summary["downtime_ms"]["R"], lambda: peer.wire_domr(name))
+            name, tap, summary["downtime_ms"]["R"],
+            lambda highs: peer.wire_domr(name, WireSeeds(highs=highs)))
     return summary

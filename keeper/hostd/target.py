@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from keeper.errors import BadRequest, KeeperError
 from keeper.hostd import metrics
 from keeper.migrate import pagestream
+from keeper.migrate import peer as peer_protocol
 from keeper.migrate.peer import DeviceLinks, IncomingGuest, PrepareDomr, SoloLinks, refused
 from keeper.net import placement
 from keeper.qemu.machine import TcpConsoles
@@ -366,7 +367,12 @@ class AgentTarget:
             a.wire.forget(name)
         return {"cancelled": name}
 
-    async def wire_domr(self, name: str) -> dict[str, Any]:
+    async def wire_domr(self, name: str, seeds: peer_protocol.WireSeeds) -> dict[str, Any]:
         """Client retransmissions seen here after the resume (keeper.hostd.clientwire),
-        once the window closed."""
-        return await self.agent.wire.result(name)
+        once the window closed, judged with what the source saw of each flow."""
+        highs = {}
+        for flow, high in seeds.highs.items():
+            if not isinstance(high, int) or isinstance(high, bool) or not 0 <= high < 1 << 32:
+                raise BadRequest(f"highs[{flow!r}] must be a TCP sequence number")
+            highs[str(flow)[:64]] = high
+        return await self.agent.wire.result(name, highs)

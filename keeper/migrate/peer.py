@@ -21,7 +21,7 @@ wrong type is a 400 naming it. Paths are built only by `Paths`.
                                        or "fenced" (B's R gone, its epoch refused)
   migration(name)                 <-   the target asks the source, once it holds a
                                        restored pair that has not settled: "driving"?
-  wire_domr(name)                 ->   client retransmissions seen there after resume
+  wire_domr(name, WireSeeds)      ->   client retransmissions seen there after resume
   baseline_server(name)           ->   the baseline: fresh servers for U there
 """
 
@@ -78,6 +78,15 @@ class DeviceLinks:
 
     pairs: list[list[int]] = field(default_factory=list)  # event-channel (R port, U port)
     state: dict[str, Any] = field(default_factory=dict)  # per kind (QEMU: unconsumed input)
+
+
+@dataclass(frozen=True, slots=True)
+class WireSeeds:
+    """What the source saw of each client flow on its wire ("ip:port" -> the sequence
+    number after the highest byte the client sent), so the target can judge the first
+    segments it sees (keeper.net.wiretap)."""
+
+    highs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +167,11 @@ class PeerClient:
         """(target -> source) {"state": "driving" | an outcome | "unknown", "started"}."""
         return await self.http.call("GET", Paths.migration(name), timeout=5)
 
-    async def wire_domr(self, name: str) -> dict[str, Any]:
+    async def wire_domr(self, name: str, seeds: WireSeeds) -> dict[str, Any]:
         """What the clients' TCP cost after the resume there (keeper.hostd.clientwire);
         answers once the target's window closed."""
-        return await self.http.call("GET", Paths.wire_domr(name), timeout=WIRE_TIMEOUT)
+        return await self.http.call("POST", Paths.wire_domr(name), json=asdict(seeds),
+                                    timeout=WIRE_TIMEOUT)
 
 
 class Target(Protocol):
@@ -183,7 +193,7 @@ class Target(Protocol):
     async def cancel_domr(self, name: str) -> dict[str, Any]: ...
     async def settle_domr(self, name: str) -> dict[str, Any]: ...
     async def migration(self, name: str) -> dict[str, Any]: ...
-    async def wire_domr(self, name: str) -> dict[str, Any]: ...
+    async def wire_domr(self, name: str, seeds: WireSeeds) -> dict[str, Any]: ...
     def identity(self) -> dict[str, Any]: ...
 
 
@@ -251,7 +261,13 @@ def routes(target: Target, guarded: Callable[[control.Handler], control.Handler]
     r.post(Paths.cancel_domr("{name}"))(named(target.cancel_domr))
     r.post(Paths.settle_domr("{name}"))(named(target.settle_domr))
     r.get(Paths.migration("{name}"))(named(target.migration))
-    r.get(Paths.wire_domr("{name}"))(named(target.wire_domr))
+
+    @r.post(Paths.wire_domr("{name}"))
+    @guarded
+    async def wire(request: web.Request) -> web.StreamResponse:
+        req = await control.body(request, WireSeeds)
+        return web.json_response(await target.wire_domr(request.match_info["name"], req))
+
     return r
 
 

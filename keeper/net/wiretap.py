@@ -13,9 +13,10 @@ Wireshark's `tcp.analysis.retransmission` applies:
 
 The source host watches from before Domain R stops until it runs on the target (every
 client segment of the pause comes to the source: the switch learns the new port only
-from the target's gratuitous ARP); the target from its link up for a short window
-(Domain R's window probe draws a pure ACK from every client, so `high` is known
-before the retransmissions are judged).
+from the target's gratuitous ARP); the target records from its link up for a short
+window and judges what it recorded seeded with the source's `high` per flow (without
+the seed, a retransmission that arrives before the client's first pure ACK — the
+answer to Domain R's window probe — would pass for new data).
 
 `RetransmitCounter` is the rule (sans-I/O: segments in, counts out, plain data);
 `WireTap` is an AF_PACKET socket on every interface of the calling thread's network
@@ -80,6 +81,16 @@ class RetransmitCounter:
                 flow.first_retransmit = at
         return again
 
+    def seed(self, highs: dict[str, int]) -> None:
+        """What another vantage point saw first: per flow, the `high` it ended with."""
+        for key, high in highs.items():
+            flow = self.flows.setdefault(key, Flow())
+            if flow.high is None or seq_before(flow.high, high % SEQ_MOD):
+                flow.high = high % SEQ_MOD
+
+    def highs(self) -> dict[str, int]:
+        return {k: f.high for k, f in self.flows.items() if f.high is not None}
+
     @property
     def retransmits(self) -> int:
         return sum(f.retransmits for f in self.flows.values())
@@ -97,6 +108,7 @@ PACKET_IGNORE_OUTGOING = 23  # Linux 4.20: a frame leaving a bridge port is not 
 SO_ATTACH_FILTER = 26
 ETH_P_IP = 0x0800
 ETH_P_ALL = 0x0003
+MAX_LOG = 200_000  # segments recorded at most (a window of a few seconds)
 SNAPLEN = 160  # Ethernet + IP + TCP headers with options; the payload is not needed
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBB")
@@ -164,9 +176,11 @@ class WireTap:
     Open it in the namespace to watch (a socket stays in the namespace it was made in);
     `close()` is idempotent."""
 
-    def __init__(self, dst: str) -> None:
+    def __init__(self, dst: str, *, record: bool = False) -> None:
         self.dst = dst
         self.counter = RetransmitCounter()
+        # with `record`: every segment, to be judged again later (`replay`)
+        self.log: list[tuple[str, int, int, int, int, float]] | None = [] if record else None
         self.opened = time.monotonic()
         prog = bpf_program(dst)
         insns = (_SockFilter * len(prog))(*(_SockFilter(*i) for i in prog))
@@ -209,6 +223,16 @@ class WireTap:
             seg = parse(frame)
             if seg is not None:
                 self.counter.segment(*seg, at=now)
+                if self.log is not None and len(self.log) < MAX_LOG:
+                    self.log.append((*seg, now))
+
+    def replay(self, highs: dict[str, int]) -> RetransmitCounter:
+        """The recorded segments judged again, seeded with `highs`."""
+        counter = RetransmitCounter()
+        counter.seed(highs)
+        for src, sport, seq, length, flags, at in self.log or ():
+            counter.segment(src, sport, seq, length, flags, at=at)
+        return counter
 
     def close(self) -> RetransmitCounter:
         if self.sock.fileno() >= 0:

@@ -46,6 +46,21 @@ def test_a_pure_ack_tells_what_the_client_sent_before() -> None:
     assert c.retransmits == 2
 
 
+def test_the_target_judges_its_first_segments_with_what_the_source_saw() -> None:
+    source = RetransmitCounter()  # every segment of the pause comes to the source
+    source.segment(C, 1, 100, 5, 0, at=0.0)
+    source.segment(C, 1, 105, 3, 0, at=0.1)  # typed into the pause: lost
+    target = RetransmitCounter()
+    target.seed(source.highs())
+    assert target.segment(C, 1, 105, 3, 0, at=1.0)  # resent before any ACK reached us
+    assert not target.segment(C, 1, 108, 0, 0, at=1.1)
+    assert not target.segment(C, 1, 108, 2, 0, at=1.2)  # new
+    unseeded = RetransmitCounter()
+    assert not unseeded.segment(C, 1, 105, 3, 0, at=1.0)  # what the seed is for
+    target.seed({f"{C}:1": 50})  # an older view does not lower what we know
+    assert target.highs() == {f"{C}:1": 110}
+
+
 def test_flows_are_apart_and_syn_and_fin_are_handled() -> None:
     c = RetransmitCounter()
     assert not c.segment(C, 1, 100, 0, TH_SYN, at=0.0)
@@ -96,7 +111,7 @@ def test_the_count_on_the_wire_is_the_clients_own(wire: tuple[str, str, str]) ->
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     server, _ = listener.accept()
     with netns.entered(sw):
-        tap = WireTap(SERVER_IP)
+        tap = WireTap(SERVER_IP, record=True)
     try:
         for _ in range(3):
             client.sendall(b"k")
@@ -118,6 +133,7 @@ def test_the_count_on_the_wire_is_the_clients_own(wire: tuple[str, str, str]) ->
         mine = tcp_info(client).total_retrans
         assert mine >= 2  # the scenario did cost retransmissions
         assert tap.counter.retransmits == mine
+        assert tap.replay({}).retransmits == mine  # the record judged again: the same
     finally:
         tap.close()
         for s in (client, server, listener):
