@@ -44,6 +44,7 @@ log = logging.getLogger("keeper.web")
 HTTP_TIMEOUT = 30.0  # for a browser to send its request head
 LINGER = 5.0  # after our response, for the browser to close its side
 SEND_CHUNK = 1 << 20
+MAX_HTTP = 128  # HTTP connections at once (not yet WebSocket): more are closed at accept
 
 
 @dataclass(slots=True)
@@ -266,6 +267,7 @@ class WebHost(MovableSessions):
         self.conns: dict[int, Conn] = {}
         self.acceptor = Acceptor(ip, port, self._on_accept)
         self.next_id = 1
+        self.max_http = MAX_HTTP
         self.serving = False
         self._in_repair = False
         self._incoming: list[tuple[HttpState | WebSessionState, socket.socket]] = []
@@ -281,6 +283,10 @@ class WebHost(MovableSessions):
         self.on_room()
 
     def _on_accept(self, sock: socket.socket) -> None:
+        if sum(isinstance(c, HttpConn) for c in self.conns.values()) >= self.max_http:
+            log.warning("%d HTTP connections already: one more closed", self.max_http)
+            sock.close()  # a browser retries; memory stays bounded
+            return
         state = HttpState(id=self.next_id)
         self.next_id += 1
         conn = HttpConn(self, sock, state)

@@ -203,3 +203,20 @@ async def test_rfb_over_websocket_and_a_malformed_session_closed_alone(
     good.ws.receive_data(rest)
     assert any(isinstance(e, we.CloseConnection) and e.code == 1000 for e in good.ws.events())
     assert host.status() == []
+
+
+async def test_http_connections_are_bounded(web: tuple[WebHost, Screen]) -> None:
+    host, _ = web
+    host.max_http = 2
+    idle = [await asyncio.open_connection("127.0.0.1", host.port) for _ in range(2)]
+    for _ in range(100):
+        if len(host.conns) == 2:
+            break
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", host.port)
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed at once
+    writer.close()
+    for r, w in idle:  # the first two are still served
+        w.write(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 404")
+        w.close()
