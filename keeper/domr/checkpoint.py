@@ -80,6 +80,9 @@ def check(ckpt: DomrCheckpoint) -> None:
         records += [(f"ssh.sessions[{i}]", s.tcp) for i, s in enumerate(ckpt.ssh.sessions)]
     if ckpt.vnc is not None:
         records += [(f"vnc.sessions[{i}]", s.tcp) for i, s in enumerate(ckpt.vnc.sessions)]
+    if ckpt.web is not None:
+        records += [(f"web.http[{i}]", h.tcp) for i, h in enumerate(ckpt.web.http)]
+        records += [(f"web.sessions[{i}]", s.tcp) for i, s in enumerate(ckpt.web.sessions)]
     if len(records) > MAX_SESSIONS:
         raise CheckpointError(f"{len(records)} sessions, more than {MAX_SESSIONS}")
     for where, rec in records:
