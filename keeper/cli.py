@@ -269,6 +269,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeper import demo
 
+    if args.json and os.geteuid() != 0:  # the one JSON line even when it cannot start
+        print(json.dumps({"ok": False, "error": "keeper needs root (network namespaces, "
+                                                 "TCP_REPAIR)"}))
+        return 2
     _need_root()
     return demo.run(args)
 

@@ -195,9 +195,13 @@ def run(args: argparse.Namespace) -> int:
         summary = loop.run_until_complete(main)
     except asyncio.CancelledError:
         say("interrupted: cleaning up")
+        if args.json:
+            print(json.dumps({"ok": False, "error": "interrupted"}))
         return 130
     except KeeperError as exc:
         say(f"demo failed: {exc}")
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
         return 1
     finally:
         with contextlib.suppress(Exception):
