@@ -32,6 +32,8 @@ POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "re
           "guest_resume", "guest_resumed", "link_up", "resumed")
 STEPS = tuple(a.name for a in Action)
 AT_STEP = ("cancel", "crash", "kill_domr")  # what a source's drill at a step may do
+# on a target, at the point "checkpoint": the checkpoint damaged as it arrives (Drills.damaged)
+DAMAGES = ("truncate", "forge")
 
 
 @dataclass
