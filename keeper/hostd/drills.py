@@ -41,6 +41,11 @@ class Drills:
     armed: dict[str, str] = field(default_factory=dict)  # point -> action
 
     def arm(self, point: str, action: str) -> dict[str, str]:
+        if action in DAMAGES:  # the checkpoint as it arrives on the target (hostile input)
+            if point != "checkpoint":
+                raise BadRequest(f"{action} is a drill of the point 'checkpoint', not {point!r}")
+            self.armed[point] = action
+            return dict(self.armed)
         if action not in ACTIONS:
             raise BadRequest(f"fault action must be one of {', '.join(ACTIONS)}, not {action!r}")
         points = STEPS if action == "cancel" else POINTS
