@@ -57,6 +57,25 @@ class Drills:
         self.armed[point] = action
         return dict(self.armed)
 
+    def damaged(self, blob: bytes) -> bytes:
+        """A checkpoint as a broken or hostile source would send it, if a damage drill
+        is armed at "checkpoint" (once): `truncate` cuts it in half, `forge` puts one
+        of its sockets on another address (a checkpoint that still decodes)."""
+        action = self.armed.pop("checkpoint", None)
+        if action == "truncate":
+            log.warning("fault drill: the checkpoint cut to %d of %d bytes", len(blob) // 2,
+                        len(blob))
+            return blob[: len(blob) // 2]
+        if action == "forge":
+            import msgpack
+
+            doc = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+            for session in doc["body"]["console"]["sessions"][:1]:
+                session["tcp"]["local_addr"] = "127.0.0.1"
+            log.warning("fault drill: a console socket of the checkpoint moved to 127.0.0.1")
+            return bytes(msgpack.packb(doc, use_bin_type=True))
+        return blob
+
     def take_cancel(self, action: str) -> bool:
         """True (once) if a cancel drill is armed at migration step `action`."""
         return self.take_step(action) == "cancel"
