@@ -244,6 +244,7 @@ class AgentTarget:
         if self.fenced.get(name, -1) >= epoch:  # a replayed, older checkpoint
             raise KeeperError(f"Domain R {name}: epoch {epoch} was fenced here")
         a.drills.check("restore")
+        checkpoint = a.drills.damaged(checkpoint)
         t0 = time.monotonic()
         restored = await entry.control.call("POST", "/restore", data=checkpoint)
         a.drills.check("restored")
