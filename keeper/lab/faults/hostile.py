@@ -12,6 +12,9 @@ has lost nothing, and the guest is served as before.
                          Domain R -> refused before anything is restored, with the
                          reason; the half-made twin is cancelled and a real
                          migration to that target then goes through
+  checkpoint/in-migration-*  a real co-migration whose checkpoint arrives truncated
+                         or forged (the target's drill `checkpoint`) -> refused, the
+                         migration rolls back, every session goes on at the source
   rfb/cut-text-4gb       a viewer announces a 4 GB ClientCutText -> it is closed with
                          the reason; Domain R's memory does not move
   rfb/never-reads        a viewer keeps asking for full frames and reads none while
@@ -566,6 +569,30 @@ async def forged_checkpoint(spec: LabSpec, ip: str, how: str) -> Result:
             "bytes": len(body), "target_left": left, "migrated_after": moved}
 
 
+async def damaged_in_migration(spec: LabSpec, ip: str, how: str) -> Result:
+    """A real co-migration whose checkpoint arrives damaged on the target (the drill
+    `checkpoint` there: `truncate` or `forge`): the target refuses it, the migration
+    rolls back, the pair serves on at the source; the next migration goes through."""
+    await ops.call(spec, OTHER, "POST", "/debug/fault",
+                   json={"point": "checkpoint", "action": how})
+    reason = ""
+    try:
+        await ops.migrate(spec, GUEST, OTHER)
+        refused = False
+    except KeeperError as exc:
+        refused, reason = True, str(exc)
+    where_after = await ops.where(spec, GUEST)
+    moved = True
+    for to in (OTHER, HOME):
+        try:
+            moved = moved and bool((await ops.migrate(spec, GUEST, to)).get("trace_ok"))
+        except KeeperError as exc:
+            moved, reason = False, f"{reason}; then the migration failed: {exc}"
+    why = "not a keeper checkpoint" if how == "truncate" else "is not this Domain R's"
+    return {"ok": refused and why in reason and where_after == HOME and moved,
+            "rolled_back_to": where_after, "reason": reason[-300:], "migrated_after": moved}
+
+
 # -- the cases -------------------------------------------------------------------------
 
 HOSTILE: dict[str, tuple[str, Callable[[LabSpec, str], Awaitable[Result]]]] = {
@@ -578,6 +605,10 @@ HOSTILE: dict[str, tuple[str, Callable[[LabSpec, str], Awaitable[Result]]]] = {
         "console", lambda s, ip: forged_checkpoint(s, ip, "forged-socket")),
     "hostile/checkpoint/forged-types": (
         "console", lambda s, ip: forged_checkpoint(s, ip, "forged-types")),
+    "hostile/checkpoint/in-migration-truncated": (
+        "console", lambda s, ip: damaged_in_migration(s, ip, "truncate")),
+    "hostile/checkpoint/in-migration-forged": (
+        "console", lambda s, ip: damaged_in_migration(s, ip, "forge")),
     "hostile/rfb/cut-text-4gb": ("vnc", rfb_cut_text_4gb),
     "hostile/rfb/never-reads": ("vnc", rfb_never_reads),
     "hostile/ssh/never-reads": ("self", ssh_never_reads),
