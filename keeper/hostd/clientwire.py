@@ -130,7 +130,7 @@ class ClientWire:
         async def finish() -> None:
             try:
                 there = await ask_target(highs)
-            except KeeperError as exc:
+            except (KeeperError, OSError, TimeoutError) as exc:
                 log.warning("client retransmissions of %s on the target: %s", name, exc)
                 return
             if there.get("retransmits") is None:
