@@ -13,6 +13,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto import events as we
 
 from keeper import ports
+from keeper.errors import KeeperError
 from keeper.lab import ops
 from keeper.lab.topology import LabSpec
 from keeper.net import netns
@@ -77,7 +78,12 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.skipif(not Assets("x").installed, reason="noVNC not installed (scripts/setup)")
-async def test_half_a_request_and_half_a_frame_cross_a_co_migration(lab: LabSpec) -> None:
+@pytest.mark.parametrize("fault", [None, "restore"], ids=["moved", "rolled-back"])
+async def test_half_a_request_and_half_a_frame_cross_a_co_migration(
+    lab: LabSpec, fault: str | None
+) -> None:
+    """Moved to b; or, with b's agent crashing as it restores Domain R (after the source
+    dumped every socket), rolled back on a: the same connections go on either way."""
     doc = await ops.create_guest(lab, GUEST, "a", mem_mb=32)
     ip = doc["ip"]
     before = (await ops.journal(lab, GUEST))["count"]
@@ -97,8 +103,14 @@ async def test_half_a_request_and_half_a_frame_cross_a_co_migration(lab: LabSpec
         kinds = sorted(s["kind"] for s in dom["domr"]["web_sessions"])
         assert kinds == ["http", "websocket"]
 
-        trace = await ops.migrate(lab, GUEST, "b")
-        assert trace["trace_ok"] and not trace.get("left_behind")
+        if fault is None:
+            trace = await ops.migrate(lab, GUEST, "b")
+            assert trace["trace_ok"] and not trace.get("left_behind")
+        else:
+            await ops.call(lab, "b", "POST", "/debug/fault",
+                           json={"point": fault, "action": "crash"})
+            with pytest.raises(KeeperError, match="stays on a"):
+                await ops.migrate(lab, GUEST, "b")
 
         wsock.sendall(frame[9:])  # the rest of the frame, to the target
         page.sendall(b"st: x\r\n\r\n")  # the rest of the request head
@@ -127,4 +139,5 @@ async def test_half_a_request_and_half_a_frame_cross_a_co_migration(lab: LabSpec
         page.close()
         wsock.close()
     status = await ops.status(lab)
-    assert [d["host"] for d in status["domains"] if d["name"] == GUEST] == ["b"]
+    want = "b" if fault is None else "a"
+    assert [d["host"] for d in status["domains"] if d["name"] == GUEST] == [want]
