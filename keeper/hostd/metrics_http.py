@@ -29,26 +29,21 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
 import re
 import ssl
 import time
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bcrypt
 from aiohttp import web
 
 from keeper import ports
 from keeper.errors import KeeperError
-
-with warnings.catch_warnings():  # libxcrypt's bcrypt, until the project depends on `bcrypt`
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt
 
 log = logging.getLogger("keeper.hostd.metrics")
 
@@ -151,7 +146,15 @@ def load_htpasswd(path: Path) -> dict[str, str]:
 
 def hash_password(password: str, rounds: int = 10) -> str:
     """A bcrypt hash for the password file (what `htpasswd -nbB` prints after `user:`)."""
-    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << rounds))
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def _bcrypt_ok(password: str, digest: str) -> bool:
+    """Whether `password` matches a bcrypt hash ($2a$, $2b$ or htpasswd's $2y$)."""
+    try:
+        return bcrypt.checkpw(password.encode(), digest.encode("ascii"))
+    except ValueError:
+        return False
 
 
 class BasicAuth:
@@ -178,8 +181,8 @@ class BasicAuth:
         if self._ok.get(key, 0.0) > now:
             return True
         digest = self.users.get(user)
-        got = await asyncio.to_thread(crypt.crypt, password, digest or self._dummy)
-        if digest is None or got is None or not hmac.compare_digest(got, digest):
+        ok = await asyncio.to_thread(_bcrypt_ok, password, digest or self._dummy)
+        if digest is None or not ok:
             return False
         if len(self._ok) > 64:
             self._ok.clear()
