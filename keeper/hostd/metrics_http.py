@@ -18,7 +18,7 @@ and 1.3, no client certificate asked for.
 
 The password file is the one Apache's `htpasswd -B` writes and Prometheus' own
 `web.yml` uses: `user:$2y$...` lines (bcrypt only; comments `#` and blank lines
-allowed). bcrypt is checked by the C library's crypt(3) (libxcrypt) in a worker
+allowed). bcrypt is checked (the `bcrypt` package) in a worker
 thread; a credential that passed is remembered (its SHA-256, for 5 minutes) so a
 scrape every 15 s does not cost a bcrypt each time.
 """
