@@ -116,7 +116,7 @@ class HttpConn(SocketPump):
             self.close("browser closed")
             return
         if self.state.answered:
-            return  # one request per connection: anything more is not read
+            return  # one request per connection: anything more is read and dropped
         self.state.inbuf += data
         self._parse()
         if self.web.conns.get(self.state.id) is self:
