@@ -12,7 +12,9 @@ Per migration the row's extras report the pause the client saw (the slowest key
 whose round trip overlapped Domain R's frozen window), the client socket's TCP
 retransmissions from just before the migration until the next one starts
 (TCP_INFO of the client's socket; for OpenSSH, its socket borrowed with
-pidfd_getfd), the frames the loss rules dropped meanwhile, and the downtimes.
+pidfd_getfd), the frames the loss rules dropped meanwhile, and the downtimes; and,
+for comparison, the retransmissions per second over a stretch of typing under the
+same loss before the first migration (the loss alone retransmits too).
 """
 
 from __future__ import annotations
@@ -99,10 +101,13 @@ async def run_wire(rms: str, percent: int, migrations: int = MIGRATIONS,
         errors: list[str] = []
         try:
             async with wireloss.loss(spec.switch_ns, percent):
-                # what the loss alone costs over one interval, for comparison
-                retrans0 = typist.retransmits()
-                await asyncio.sleep(interval)
+                # what the loss alone costs, per second of typing, for comparison
+                retrans0, t_idle = typist.retransmits(), time.monotonic()
+                await asyncio.sleep(2 * interval)
+                idle_s = time.monotonic() - t_idle
                 extra["retransmits_client_no_migration"] = typist.retransmits() - retrans0
+                extra["retransmits_client_per_s_no_migration"] = round(
+                    extra["retransmits_client_no_migration"] / idle_s, 2)
                 where = "a"
                 for _ in range(migrations):
                     if typing.done():
@@ -115,7 +120,9 @@ async def run_wire(rms: str, percent: int, migrations: int = MIGRATIONS,
                     wall = time.monotonic() - t0
                     await asyncio.sleep(interval)
                     dropped1 = await asyncio.to_thread(wireloss.dropped, spec.switch_ns)
+                    window_s = time.monotonic() - t0
                     per.append({
+                        "window_s": round(window_s, 2),  # what the counts below cover
                         "to": where,
                         "pause_ms": round(longest_wait(trace, typist.stats.samples,
                                                        "R stopped", "R resumed"), 1),
