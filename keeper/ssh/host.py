@@ -273,13 +273,14 @@ class SshHost:
                     tcprepair.enter_repair(restored.sock)  # this copy says nothing more
                 tcprepair.release(restored.sock)
             raise NotMovable("resuming SSH: " + "; ".join(failed))
+        prepared = await movable.prepare_options(self._kw) if incoming else None
         for state, restored in incoming:
             sock = restored.sock
             srv = self._server()
             conn = await movable.import_(
                 state, sock, server_factory=lambda srv=srv: srv,
                 session_factory=lambda app, srv=srv: self._restored_session(srv, app),
-                options=self._kw, loop=loop)
+                options=self._kw, prepared=prepared, loop=loop)
             srv.conn = conn
             task = asyncio.create_task(self._watch(conn))
             self._tasks.add(task)

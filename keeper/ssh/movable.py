@@ -34,6 +34,7 @@ session_factory=..., options=server_options(...))`; it continues on that socket.
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import logging
 import os
@@ -695,17 +696,29 @@ class _Adopter(asyncio.Protocol):
         self._attach(transport)  # type: ignore[arg-type]
 
 
+async def prepare_options(options: Mapping[str, Any]) -> SSHServerConnectionOptions:
+    """The server's options worked out once for many `import_`s (as asyncssh's own
+    listener shares one options object among its connections): constructing them
+    costs ~0.7 ms of CPU (host keys, algorithm lists), once per connection otherwise,
+    and a Domain R resuming 200 SSH connections does it in the pause."""
+    return await SSHServerConnectionOptions.construct(
+        None, server_factory=asyncssh.SSHServer, **server_options(**options))
+
+
 async def import_(state: SshSessionState, sock: socket.socket, *,
                   server_factory: Callable[[], asyncssh.SSHServer],
                   session_factory: SessionFactory,
                   options: Mapping[str, Any],
+                  prepared: SSHServerConnectionOptions | None = None,
                   loop: asyncio.AbstractEventLoop | None = None) -> SSHServerConnection:
     """Rebuild a live server connection from `state` on the connected socket `sock`
     (which it takes over) and carry on: read, answer, rekey, keepalive.
 
     `options` are the server's keyword options, as for server_options() (without
     server_factory): the host keys above all (the client checks them again at its
-    next key exchange), then authorized keys, keepalive... Each channel's session is
+    next key exchange), then authorized keys, keepalive...; `prepared`, if given,
+    is those options already constructed (`prepare_options(options)`), shared with
+    other imports; only its server factory is this connection's. Each channel's session is
     `session_factory(app)`; it gets connection_made(chan) and, if a MovableSession,
     session_restored().
     Raises NotMovable before touching the socket if the state cannot be imported;
@@ -715,8 +728,12 @@ async def import_(state: SshSessionState, sock: socket.socket, *,
         raise NotMovable(f"state from asyncssh {state.asyncssh_version}, running "
                          f"{asyncssh.__version__}, pinned {ASYNCSSH_VERSION}")
     loop = loop or asyncio.get_running_loop()
-    opts = await SSHServerConnectionOptions.construct(
-        None, server_factory=server_factory, **server_options(**options))
+    if prepared is not None:
+        opts = copy.copy(prepared)  # shallow: the parsed keys and lists are shared
+        opts.protocol_factory = server_factory  # what server_factory= sets (asyncssh)
+    else:
+        opts = await SSHServerConnectionOptions.construct(
+            None, server_factory=server_factory, **server_options(**options))
     conn = SSHServerConnection(loop, opts)
     conn._cancel_login_timer()
     _restore_connection(conn, state)
