@@ -258,7 +258,16 @@ async def part1(spec: Any, sockets: int, mix: tuple[int, ...], work: Path,
 
     async def open_one(c: Conn) -> None:
         async with sem:
-            await c.open(spec, ip, work)
+            for attempt in range(3):  # setting up, not what is measured: try again
+                try:
+                    return await c.open(spec, ip, work)
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    if attempt == 2:
+                        raise
+                    say(f"  {c.rms} {c.index}: {exc}; again")
+                    await c.close()
+                    c.ssh = c.link = c.sock = None
+                    await asyncio.sleep(1.0)
 
     t0 = time.monotonic()
     await asyncio.gather(*(open_one(c) for c in conns))
