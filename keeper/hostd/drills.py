@@ -11,7 +11,9 @@ names) cancels the next migration run from this host just after it launched that
 action: the rollback a cancelled migration must do, drilled at every step. On the
 source, `{"point": ACTION, "action": "crash" | "kill_domr"}` kills this agent, or the
 migrating guest's Domain R here, just after the run launched ACTION (the window
-after Domain U resumed on the target, docs/design.md).
+after Domain U resumed on the target, docs/design.md). `"mute"` (at settle, on the
+target) fails every settle request from the source until disarmed, as a target the
+source cannot hear from would: the source gives up undecided.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from keeper.migrate.sync import Action
 
 log = logging.getLogger("keeper.hostd")
 
-ACTIONS = ("fail", "crash", "cancel", "kill_guest", "kill_domr")
+ACTIONS = ("fail", "crash", "cancel", "kill_guest", "kill_domr", "mute")
 # where the agent checks for an armed fault, in the order a migration passes them
 POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "restored",
-          "guest_resume", "guest_resumed", "link_up", "resumed")
+          "guest_resume", "guest_resumed", "link_up", "resumed", "settle")
 STEPS = tuple(a.name for a in Action)
 AT_STEP = ("cancel", "crash", "kill_domr")  # what a source's drill at a step may do
 # on a target, at the point "checkpoint": the checkpoint damaged as it arrives (Drills.damaged)
@@ -91,6 +93,8 @@ class Drills:
         """Pass `point`: fail or crash if a drill is armed there (once); `kill_guest`
         kills the guest's QEMU (`guest_pid`) and goes on, as a crashed VM would;
         `kill_domr` likewise Domain R's process (`domr_pid`)."""
+        if self.armed.get(point) == "mute":  # stays armed
+            raise KeeperError(f"fault drill: no answer at {point}")
         action = self.armed.pop(point, None)
         if action == "kill_guest" and guest_pid is not None:
             log.warning("fault drill: killing the guest (QEMU %d) at %s", guest_pid, point)

@@ -210,11 +210,12 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
         metrics.MIGRATIONS.labels(result="rolled_back").inc()
         raise
     finally:
-        agent.outgoing[name] = plan.trace.info.get("outcome", "failed")
+        outcome = plan.trace.info.get("outcome", "failed")
+        agent.outgoing[name] = outcome
         for item in (agent.guests.entries.get(name), agent.qemu.entries.get(name),
                      agent.domrs.get(name)):
-            if item is not None:
-                item.state = "running"
+            if item is not None:  # undecided: kept, not serving, until the target says
+                item.state = "unsettled" if outcome == "failed_after_resume" else "running"
         if tap is not None and not ok:
             tap.close()  # rolled back: nothing to count
     if qb is not None:

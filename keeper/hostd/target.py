@@ -39,7 +39,25 @@ class AgentTarget:
         self.watching: dict[str, tuple[str, float]] = {}
         self._watches: set[asyncio.Task[None]] = set()
 
-    def migration(self, name: str) -> dict[str, Any]:
+    async def release(self, name: str) -> dict[str, Any]:
+        """(as a source) The target took over the pair this agent left undecided
+        (it serves there, confirmed): drop the copies kept here, silently (R's
+        sockets are in repair mode, its link down). Refused for any other state."""
+        a = self.agent
+        if a.outgoing.get(name) != "failed_after_resume":
+            raise KeeperError(f"{name}: nothing left undecided here "
+                              f"({a.outgoing.get(name, 'unknown')})")
+        r = a.domrs.get(name)
+        if r is not None:
+            with contextlib.suppress(KeeperError):
+                await r.control.call("POST", "/commit", timeout=10)
+            await a.forget_domr(name)
+        await a.guests.destroy(name)
+        await a.qemu.destroy(name)
+        a.outgoing[name] = "released"
+        return {"released": name}
+
+    async def migration(self, name: str) -> dict[str, Any]:
         """(as a source) Whether this agent drives `name`'s move, or how it ended;
         `started` lets a target tell a restarted agent (which knows nothing of it)."""
         return {"state": self.agent.outgoing.get(name, "unknown"),
@@ -280,6 +298,11 @@ class AgentTarget:
                     "resume_ms": (time.monotonic() - t2) * 1e3}
 
     async def settle_domr(self, name: str) -> dict[str, Any]:
+        """The peer route (the source asks); see `_settle_domr`."""
+        self.agent.drills.check("settle")
+        return await self._settle_domr(name)
+
+    async def _settle_domr(self, name: str) -> dict[str, Any]:
         """The arbitration of the window (docs/design.md): after RESUME_R, whatever
         its answer was, the source asks this once. A Domain R that serves here (it
         left repair mode and its process lives) is confirmed: it and its guest are
@@ -342,12 +365,14 @@ class AgentTarget:
             log.warning("the source %s of %s is %s: taking the pair over", source, name,
                         "a new agent" if restarted else state)
             try:
-                await self._take_over(name)
+                await self._take_over(name, source if state == "failed_after_resume" else "")
             except KeeperError as exc:
                 log.error("could not take %s over: %s", name, exc)
             return
 
-    async def _take_over(self, name: str) -> None:
+    async def _take_over(self, name: str, release: str) -> None:
+        """U runs here, R resumes and is confirmed; then `release` (a source that left
+        the move undecided and still holds its copies) is told to drop them."""
         a = self.agent
         g = a.guests.entries.get(name)
         q = a.qemu.entries.get(name)
@@ -356,8 +381,11 @@ class AgentTarget:
         entry = a.domrs.get(name)
         if entry is not None and entry.state == "restored":
             await self.resume_domr(name)
-        verdict = await self.settle_domr(name)
+        verdict = await self._settle_domr(name)
         log.warning("took %s over: %s", name, verdict["state"])
+        if release and verdict["state"] == "resumed":  # its copies are garbage now
+            with contextlib.suppress(KeeperError):
+                await a.peer(release).release(name)
 
     async def cancel_domr(self, name: str) -> dict[str, Any]:
         a = self.agent

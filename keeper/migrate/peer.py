@@ -21,6 +21,8 @@ wrong type is a 400 naming it. Paths are built only by `Paths`.
                                        or "fenced" (B's R gone, its epoch refused)
   migration(name)                 <-   the target asks the source, once it holds a
                                        restored pair that has not settled: "driving"?
+  release(name)                   <-   the target took over a pair the source left
+                                       undecided: the source drops its copies
   wire_domr(name, WireSeeds)      ->   client retransmissions seen there after resume
   baseline_server(name)           ->   the baseline: fresh servers for U there
 """
@@ -110,6 +112,7 @@ class Paths:
     cancel_domr = staticmethod(lambda name: f"/peer/domr/{name}/cancel")
     settle_domr = staticmethod(lambda name: f"/peer/domr/{name}/settle")
     migration = staticmethod(lambda name: f"/peer/migration/{name}")
+    release = staticmethod(lambda name: f"/peer/migration/{name}/release")
     wire_domr = staticmethod(lambda name: f"/peer/domr/{name}/wire")
     status = "/status"
 
@@ -167,6 +170,10 @@ class PeerClient:
         """(target -> source) {"state": "driving" | an outcome | "unknown", "started"}."""
         return await self.http.call("GET", Paths.migration(name), timeout=5)
 
+    async def release(self, name: str) -> dict[str, Any]:
+        """(target -> source) I serve the pair you left undecided: drop your copies."""
+        return await self.http.call("POST", Paths.release(name), timeout=30)
+
     async def wire_domr(self, name: str, seeds: WireSeeds) -> dict[str, Any]:
         """What the clients' TCP cost after the resume there (keeper.hostd.clientwire);
         answers once the target's window closed."""
@@ -193,6 +200,7 @@ class Target(Protocol):
     async def cancel_domr(self, name: str) -> dict[str, Any]: ...
     async def settle_domr(self, name: str) -> dict[str, Any]: ...
     async def migration(self, name: str) -> dict[str, Any]: ...
+    async def release(self, name: str) -> dict[str, Any]: ...
     async def wire_domr(self, name: str, seeds: WireSeeds) -> dict[str, Any]: ...
     def identity(self) -> dict[str, Any]: ...
 
@@ -261,6 +269,7 @@ def routes(target: Target, guarded: Callable[[control.Handler], control.Handler]
     r.post(Paths.cancel_domr("{name}"))(named(target.cancel_domr))
     r.post(Paths.settle_domr("{name}"))(named(target.settle_domr))
     r.get(Paths.migration("{name}"))(named(target.migration))
+    r.post(Paths.release("{name}"))(named(target.release))
 
     @r.post(Paths.wire_domr("{name}"))
     @guarded

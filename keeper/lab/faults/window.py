@@ -11,6 +11,9 @@ Each `Case` arms one drill (keeper.hostd.drills) on the source or the target age
   target step fails    at link_up                              -> on the source
   target R killed      at link_up (SIGKILL, in repair mode)    -> on the source
   answer lost          B's R serves, its answer fails          -> on the target
+  settle unanswered    B's R serves, the source never hears it (gives up undecided,
+                       keeps everything); B asks it, finds it gave up, takes over,
+                       and the source releases its copies     -> on the target
   source R killed      when RESUME_R is launched               -> on the target
   source agent crash   when RESUME_U or RESUME_R is launched (before its request
                        leaves: B holds the whole pair, unsettled, and takes it
@@ -58,6 +61,7 @@ WINDOW = (
     Case("window/target-step-fails/link-up", "target", "link_up", "fail", "source"),
     Case("window/target-domr-killed/link-up", "target", "link_up", "kill_domr", "source"),
     Case("window/answer-lost/resumed", "target", "resumed", "fail", "target"),
+    Case("window/settle-unanswered", "target", "settle", "mute", "target"),
     Case("window/source-domr-killed/resume-r", "source", "RESUME_R", "kill_domr", "target"),
     Case("window/source-agent-crash/resume-u", "source", "RESUME_U", "crash", "target"),
     Case("window/source-agent-crash/resume-r", "source", "RESUME_R", "crash", "target"),
