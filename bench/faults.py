@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,15 @@ async def run_all(drills: list[Drill], say: Any) -> list[dict[str, Any]]:
     return rows
 
 
+async def interruptible(coro: Any) -> Any:
+    """Run `coro`; SIGTERM or SIGINT cancels it, so the running drill cleans up."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
+
+
 def failed(row: dict[str, Any]) -> bool:
     return row["lost"] > 0 or not row["recovered"]
 
@@ -133,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         lambda *a: print(*a, flush=True))
     say(f"{'case':32} {'sessions':>8} {'lost':>5} {'reconnects':>10} recovered")
     started = time.monotonic()
-    rows = asyncio.run(run_all(chosen, say))
+    try:
+        rows = asyncio.run(interruptible(run_all(chosen, say)))
+    except asyncio.CancelledError:
+        say("interrupted: the running drill's lab is removed")
+        return 130
     bad = [r["case"] for r in rows if failed(r)]
     doc = {"rows": rows, "failed": bad, "load_errors": errors,
            "ok": not bad and not errors, "seconds": round(time.monotonic() - started, 1)}
