@@ -119,7 +119,9 @@ async def test_vncdotool_types_through_qemu_migrations(lab: LabSpec, tmp_path: P
 @pytest.mark.parametrize(("point", "action"), [
     ("incoming", "crash"), ("prepare", "crash"), ("associate", "crash"), ("evtchns", "crash"),
     ("restore", "crash"), ("guest_resume", "crash"),
-    ("associate", "kill_guest"), ("evtchns", "kill_guest"), ("guest_resume", "kill_guest")])
+    ("associate", "kill_guest"), ("evtchns", "kill_guest"), ("guest_resume", "kill_guest"),
+    # the window (docs/design.md): the VM already runs on b, b's Domain R never served
+    ("guest_resumed", "crash"), ("link_up", "crash"), ("link_up", "kill_domr")])
 async def test_target_agent_or_qemu_dies_and_the_vm_goes_on_at_the_source(
     lab: LabSpec, point: str, action: str
 ) -> None:
