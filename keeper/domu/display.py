@@ -49,7 +49,8 @@ FG = (0xD0, 0xD0, 0xD0)  # BGR
 SC_CHARS = 0
 SC_ROW, SC_COL, SC_SHIFT, SC_CTRL, SC_KBD_PORT, SC_FB_PORT = 3712, 3716, 3720, 3724, 3728, 3732
 SC_SAVER = 3736  # u32: screensaver frames drawn (0: off); SC_SAVER_ON u32
-SC_SAVER_ON = 3740
+SC_SAVER_ON = 3740  # 0 off, 1 on (at most SAVER_FPS frames/s), 2 on and uncapped
+SAVER_FPS = 50
 
 KEY_LEFTSHIFT, KEY_RIGHTSHIFT, KEY_LEFTCTRL, KEY_RIGHTCTRL = 42, 54, 29, 97
 # US keymap: Linux keycode -> (plain, shifted)
@@ -168,8 +169,14 @@ class Display:
     def saver_on(self) -> bool:
         return bool(self._get(SC_SAVER_ON))
 
-    def start_saver(self) -> None:
-        self._set(SC_SAVER_ON, 1)
+    def start_saver(self, uncapped: bool = False) -> None:
+        """Uncapped: a new frame as soon as the last is drawn (the bench's RFB load)."""
+        self._set(SC_SAVER_ON, 2 if uncapped else 1)
+
+    @property
+    def saver_period(self) -> float:
+        """Seconds from one screensaver frame to the next (0: no cap)."""
+        return 0.0 if self._get(SC_SAVER_ON) == 2 else 1 / SAVER_FPS
 
     def saver_step(self) -> None:
         """One frame: every pixel changes (the paper's VNC throughput workload)."""

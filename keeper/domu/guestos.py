@@ -341,7 +341,7 @@ class GuestOS:
     def _cmd_screensaver(self, args: list[bytes]) -> bytes:
         if self.display is None or self._cur is not self.display.tty:
             return b"screensaver: only on the framebuffer terminal\n"
-        self.display.start_saver()
+        self.display.start_saver(uncapped=args[:1] == [b"uncapped"])
         return b""
 
     def _cmd_seq(self, args: list[bytes]) -> bytes:
@@ -512,7 +512,8 @@ _COMMAND_TABLE: dict[bytes, tuple[_Command, str]] = {
     b"journal": (GuestOS._cmd_journal, "bytes the console received, and the last few"),
     b"clear": (GuestOS._cmd_clear, "clear the screen"),
     b"seq": (GuestOS._cmd_seq, "print numbers FIRST..LAST, one a line (Ctrl-C stops)"),
-    b"screensaver": (GuestOS._cmd_screensaver, "redraw the whole screen until a key"),
+    b"screensaver": (GuestOS._cmd_screensaver,
+                       "redraw the whole screen until a key (50/s; `uncapped`: no cap)"),
 }
 _COMMANDS: dict[bytes, _Command] = {name: fn for name, (fn, _) in _COMMAND_TABLE.items()}
 

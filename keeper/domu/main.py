@@ -36,7 +36,6 @@ from keeper.vmm.xenstore import XenbusState
 log = logging.getLogger("keeper.domu")
 CLONE_NEWNET = 0x40000000
 WORKLOAD_TICK = 0.01
-SAVER_FRAME = 0.02  # the screensaver's frame period (at most 50 frames/s)
 
 
 def _no_network() -> None:
@@ -175,7 +174,7 @@ class Guest:
             if disp is not None and disp.saver_on and self.due is None:
                 disp.saver_step()
                 os.eventfd_write(self.fb_fds[1], 1)
-                self.due = now + SAVER_FRAME  # the next frame, unless an event comes first
+                self.due = now + disp.saver_period  # the next frame, unless an event comes
             if pages_per_tick and now >= next_work:
                 carry += pages_per_tick
                 n = int(carry)
