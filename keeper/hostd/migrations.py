@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 from keeper.errors import KeeperError, MigrationError
 from keeper.hostd import clientwire, drills, metrics
@@ -50,14 +51,18 @@ class QemuConsoles:
     """The baseline's servers on QEMU: QEMU's own VNC server and serial console on the
     host's address (implements plans.Servers). They are QEMU's, so they move with
     nothing: the target QEMU was started with the same consoles on the target's
-    address (listening from its start), and the source's die when the source QEMU
-    exits at COMMIT. So, as under libvirt or OpenStack, a client stays connected to
-    the source through the stop-and-copy (keys it types while the VM is stopped are
-    dropped by QEMU) until the source QEMU is destroyed, then must find the new host.
-    `stop` and `start_on_target` only mark those points."""
+    address (listening from its start), and the source's die with the source QEMU.
+    So, as under libvirt or OpenStack, a client stays connected to the source through
+    the stop-and-copy (keys it types while the VM is stopped are dropped by QEMU)
+    until the source QEMU is destroyed — `stop`, once the VM runs on the target (the
+    release at COMMIT then finds it gone) — and then must find the new host.
+    `start_on_target` only marks that point."""
+
+    def __init__(self, destroy_source: Callable[[], Awaitable[None]]) -> None:
+        self.destroy_source = destroy_source
 
     async def stop(self) -> None:
-        return None
+        await self.destroy_source()  # its consoles close with it
 
     async def start_on_target(self) -> None:
         return None
@@ -180,7 +185,8 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
     guest = guest_migrator(agent, name, target, progress)
     plan: SoloMigration | CoMigration
     if r is None:
-        plan = SoloMigration(name, agent.host.name, target, guest, QemuConsoles(),
+        plan = SoloMigration(name, agent.host.name, target, guest,
+                             QemuConsoles(lambda: agent.qemu.destroy(name)),
                              progress=progress)
     elif r.baseline:
         plan = SoloMigration(name, agent.host.name, target, guest,
@@ -224,7 +230,8 @@ async def migrate_guest(agent: HostAgent, name: str, target: str,
         # the client may reconnect to the target), more its own reconnect
         t = plan.trace
         summary["downtime_ms"] = {"U": summary["downtime_ms"]["U"],
-                                  "consoles": round(t.span("U stopped", "source released"), 3)}
+                                  "consoles": round(t.span("U stopped", "servers stopped"), 3),
+                                  "after_final_copy": summary["downtime_ms"]["after_final_copy"]}
         summary["consoles"] = {"source": agent.host.mgmt_ip,
                                "target": agent.spec.host(target).mgmt_ip, **qb.services()}
     agent.moves += 1
