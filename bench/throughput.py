@@ -133,6 +133,11 @@ async def vnc_rates(mode: str, seconds: float, encodings: list[str]) -> list[dic
             await asyncio.sleep(1.0)  # the screensaver starts
             start, count0, bytes0 = time.monotonic(), len(reader.frames), reader.nbytes
             await asyncio.sleep(seconds)
+            async with asyncio.timeout(30):  # a slow encoder: at least one update counted
+                while len(reader.frames) == count0 and not task.done():
+                    await asyncio.sleep(0.02)
+            if task.done():
+                task.result()  # the reader failed: say why
             elapsed = time.monotonic() - start
             n, px = len(reader.frames) - count0, sum(reader.pixels[count0:])
             nbytes = reader.nbytes - bytes0
