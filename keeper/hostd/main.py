@@ -40,6 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from keeper.ssh import policy
+
+    try:  # the SSH key exchange its Domain Rs will offer (see keeper.ssh.policy)
+        policy.kex_mode()
+    except KeeperError as exc:
+        print(f"keeper hostd: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
     if args.config is None:
         if args.host is None:
             print("keeper hostd: give --config FILE, or --host NAME for a lab host",

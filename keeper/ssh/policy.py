@@ -9,7 +9,9 @@ what a move can carry (keeper.ssh.movable: AEAD ciphers only, no compression):
                  sntrup761: without it an OpenSSH older than 9.9 (Debian 12 ships 9.2)
                  could not log in at all. ssh-audit warns on curve25519 ("no
                  protection against post-quantum attacks"), and that is the one
-                 warning it reports then. No finite-field DH: the groups >= 3072 bits
+                 warning it reports then; an operator whose clients are OpenSSH
+                 >= 9.9 sets KEEPER_SSH_KEX=post-quantum in the agent's environment
+                 and it is gone (no warning at all). No finite-field DH: the groups >= 3072 bits
                  draw the same warning and add nothing a client here lacks.
   ciphers        chacha20-poly1305, aes256-gcm, aes128-gcm (their state is keys and
                  counters, so sessions move)
@@ -32,6 +34,7 @@ Limits (a hostile client costs its own session, never the others'):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,11 +64,26 @@ STALL_SECONDS = 10.0
 LOGIN_TIMEOUT = 30.0  # to authenticate, from the TCP accept
 
 
-def kex_algs(available: Sequence[bytes] | None = None) -> list[str]:
+KEX_ENV = "KEEPER_SSH_KEX"  # "post-quantum": never the curve25519 fallback
+KEX_MODES = ("compatible", "post-quantum")
+
+
+def kex_mode() -> str:
+    """The operator's choice, from the environment the host agent (and so its Domain
+    Rs) runs in: `compatible` (default) keeps curve25519 while sntrup761 is missing,
+    so OpenSSH < 9.9 can log in; `post-quantum` offers the hybrids only (ssh-audit
+    then reports no warning; clients need OpenSSH >= 9.9)."""
+    mode = os.environ.get(KEX_ENV, "compatible") or "compatible"
+    if mode not in KEX_MODES:
+        raise KeeperError(f"{KEX_ENV}={mode!r}: want one of {', '.join(KEX_MODES)}")
+    return mode
+
+
+def kex_algs(available: Sequence[bytes] | None = None, mode: str | None = None) -> list[str]:
     """The key exchanges offered, best first (see the module's docstring)."""
     have = {a.decode("ascii") for a in (get_kex_algs() if available is None else available)}
     algs = [a for a in PQ_KEX if a in have]
-    if SNTRUP not in have:
+    if SNTRUP not in have and (mode or kex_mode()) == "compatible":
         algs += [a for a in FALLBACK_KEX if a in have]
     if not algs:
         raise KeeperError("asyncssh offers none of the key exchanges keeper allows")

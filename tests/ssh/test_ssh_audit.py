@@ -114,3 +114,33 @@ def test_kex_falls_back_to_curve25519_only_without_sntrup761() -> None:
     assert policy.kex_algs(have) == ["mlkem768x25519-sha256", "curve25519-sha256"]
     have.append(b"sntrup761x25519-sha512")
     assert policy.kex_algs(have) == ["mlkem768x25519-sha256", "sntrup761x25519-sha512"]
+
+
+async def test_post_quantum_only_domain_r_audits_with_no_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's switch (KEEPER_SSH_KEX=post-quantum in the agents' environment):
+    the Domain R of a lab started so offers no curve25519, and ssh-audit reports no
+    failure and no warning at all (exit status 0)."""
+    from keeper.lab import topology
+    from tests.conftest import unique
+
+    monkeypatch.setenv(policy.KEX_ENV, "post-quantum")
+    name = unique()
+    try:
+        spec = await ops.up(name)
+        doc = await ops.create_guest(spec, "guest1", "a", mem_mb=16)
+        code, report = await audit(spec.client_ns, doc["ip"])
+    finally:
+        topology.down(name)
+    assert findings(report, "fail") == [] and findings(report, "warn") == [], report
+    assert not any(a["algorithm"] in policy.FALLBACK_KEX for a in report["kex"])
+    assert code == 0
+
+
+def test_a_kex_mode_not_known_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from keeper.errors import KeeperError
+
+    monkeypatch.setenv(policy.KEX_ENV, "fast")
+    with pytest.raises(KeeperError, match="KEEPER_SSH_KEX='fast'"):
+        policy.kex_algs()
+    assert "curve25519-sha256" not in policy.kex_algs(mode="post-quantum")
