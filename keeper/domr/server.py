@@ -370,12 +370,20 @@ class DomainR:
         self.phase = Phase.RESTORED
         return self.last_move
 
-    async def resume(self) -> None:
-        """Link is up: leave repair mode (window probe), announce, serve."""
+    async def resume(self, *, fail_after: int | None = None) -> None:
+        """Link is up: leave repair mode (window probe), announce, serve.
+
+        A service whose resume raises leaves the others that already left repair mode
+        live: the agent takes the link down at once and the move is fenced and rolled
+        back (docs/design.md, the window). `fail_after` (a drill) raises after that
+        many services resumed."""
         self._require(Phase.RESTORED)
         # A task: it goes on the wire at our first wait, after the raw console's probes.
         self._announce()
-        for svc in self.services:
+        for done, svc in enumerate(self.services):
+            if fail_after is not None and done >= fail_after:
+                raise KeeperError(f"fault drill: resume failed after {done} services "
+                                  f"({', '.join(s.name for s in self.services[:done])})")
             await svc.resume()
         self.start()
 

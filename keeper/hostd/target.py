@@ -290,7 +290,18 @@ class AgentTarget:
             await a.set_link(entry.name, up=True)  # the source's link is down already
             a.drills.check("link_up", domr_pid=pid)
             t2 = time.monotonic()
-            await entry.control.call("POST", "/resume")
+            midway = a.drills.armed.pop("resume_midway", None) == "fail"
+            try:
+                await entry.control.call("POST", "/resume?fail_after=1" if midway
+                                         else "/resume")
+            except BaseException:
+                # some of R's sockets may have left repair mode: off the wire at once,
+                # so that nothing more of what they do reaches a client (not even the
+                # close of a service that failed) and nothing more they receive is
+                # acknowledged; the source's settle then fences it and rolls back
+                with contextlib.suppress(Exception):
+                    await a.set_link(entry.name, up=False)
+                raise
             entry.state = "running"
             a.wire.resumed(name)
             a.drills.check("resumed", domr_pid=pid)  # serving; the answer not yet sent

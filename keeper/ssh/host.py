@@ -262,29 +262,40 @@ class SshHost:
         numbers."""
         loop = asyncio.get_running_loop()
         incoming, self._incoming = self._incoming, []
+        # what can fail without the sockets comes first, while they are still silent
+        prepared = await movable.prepare_options(self._kw) if incoming else None
         for _, restored in incoming:
             tcprepair.leave_repair(restored.sock, window_probe=True)
             restored.sock.setblocking(False)
         sent = await asyncio.gather(*(self._resend(loop, r) for _, r in incoming))
         failed = [why for why in sent if why is not None]
         if failed:
-            for _, restored in incoming:
-                with contextlib.suppress(KeeperError):
-                    tcprepair.enter_repair(restored.sock)  # this copy says nothing more
-                tcprepair.release(restored.sock)
+            self._silence(incoming)
             raise NotMovable("resuming SSH: " + "; ".join(failed))
-        prepared = await movable.prepare_options(self._kw) if incoming else None
-        for state, restored in incoming:
-            sock = restored.sock
-            srv = self._server()
-            conn = await movable.import_(
-                state, sock, server_factory=lambda srv=srv: srv,
-                session_factory=lambda app, srv=srv: self._restored_session(srv, app),
-                options=self._kw, prepared=prepared, loop=loop)
-            srv.conn = conn
-            task = asyncio.create_task(self._watch(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        try:
+            for state, restored in incoming:
+                sock = restored.sock
+                srv = self._server()
+                conn = await movable.import_(
+                    state, sock, server_factory=lambda srv=srv: srv,
+                    session_factory=lambda app, srv=srv: self._restored_session(srv, app),
+                    options=self._kw, prepared=prepared, loop=loop)
+                srv.conn = conn
+                task = asyncio.create_task(self._watch(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except Exception as exc:  # none is served: the move rolls back, the old host's
+            self._silence(incoming)  # copies still hold these sessions
+            raise NotMovable(f"resuming SSH: {exc!r}") from exc
+
+    @staticmethod
+    def _silence(incoming: list[tuple[SshSessionState, Restored]]) -> None:
+        """Back into repair mode and dropped: this copy says nothing more, not even a
+        FIN (the source serves these sessions again)."""
+        for _, restored in incoming:
+            with contextlib.suppress(KeeperError, OSError):
+                tcprepair.enter_repair(restored.sock)
+            tcprepair.release(restored.sock)
 
     @staticmethod
     async def _resend(loop: asyncio.AbstractEventLoop, restored: Restored) -> str | None:

@@ -60,6 +60,8 @@ WINDOW = (
     Case("window/target-agent-crash/link-up", "target", "link_up", "crash", "source"),
     Case("window/target-step-fails/link-up", "target", "link_up", "fail", "source"),
     Case("window/target-domr-killed/link-up", "target", "link_up", "kill_domr", "source"),
+    Case("window/target-domr-resume-fails-midway", "target", "resume_midway", "fail",
+         "source"),
     Case("window/answer-lost/resumed", "target", "resumed", "fail", "target"),
     Case("window/settle-unanswered", "target", "settle", "mute", "target"),
     Case("window/source-domr-killed/resume-r", "source", "RESUME_R", "kill_domr", "target"),
