@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keeper import ports
+from keeper.errors import NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -284,10 +285,15 @@ class VncHost(MovableSessions):
     def checkpoint(self, left_behind: list[str]) -> VncHostCheckpoint:
         self._in_repair = True  # also if a dump fails midway: rollback takes them out
         out = []
-        for conn in list(self.conns.values()):
+        for cid, conn in list(self.conns.items()):
+            try:
+                rec = tcprepair.dump(conn.sock)
+            except NotMovable as exc:  # e.g. the viewer's FIN came in: it ends here
+                left_behind.append(f"vnc {cid}: {exc}")
+                continue
             conn.state.out += conn.core.data_to_send()
             conn.state.rfb = conn.core.state
-            out.append(VncCheckpoint(session=conn.state, tcp=tcprepair.dump(conn.sock)))
+            out.append(VncCheckpoint(session=conn.state, tcp=rec))
         return VncHostCheckpoint(sessions=out, orphaned=list(self.orphaned))
 
 
