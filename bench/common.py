@@ -82,3 +82,14 @@ def finish(fig: Any, json_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(json_path.with_suffix(".png"), dpi=110)
     print(f"\nraw samples: {json_path}, plot: {json_path.with_suffix('.png')}")
+
+
+async def interruptible(coro: Any) -> Any:
+    """Run `coro`; SIGTERM or SIGINT cancels it, so what it runs cleans up (its lab)."""
+    import signal
+
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task

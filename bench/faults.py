@@ -25,13 +25,12 @@ import argparse
 import asyncio
 import importlib
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import OUT, need_root, save
+from common import OUT, interruptible, need_root, save
 
 from keeper.lab.faults import Drill, Row
 
@@ -89,15 +88,6 @@ async def run_all(drills: list[Drill], say: Any) -> list[dict[str, Any]]:
         say(f"    {line(doc)}")
         rows.append(doc)
     return rows
-
-
-async def interruptible(coro: Any) -> Any:
-    """Run `coro`; SIGTERM or SIGINT cancels it, so the running drill cleans up."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    return await task
 
 
 def failed(row: dict[str, Any]) -> bool:

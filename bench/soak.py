@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import OUT, lab, need_root, save
+from common import OUT, interruptible, lab, need_root, save
 
 from keeper.errors import KeeperError, MigrationError
 from keeper.hostd import procs
@@ -222,15 +221,6 @@ async def soak(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         "series": series, "verdicts": judged, "grew": grew,
         "per_migration_s": [m["s"] for m in migrations],
     }
-
-
-async def interruptible(coro: Any) -> Any:
-    """Run `coro`; SIGTERM or SIGINT cancels it, so its lab is taken down."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    return await task
 
 
 def ok(doc: dict[str, Any]) -> bool:

@@ -12,6 +12,8 @@ a `Row`:
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,3 +37,19 @@ class Row:
 class Drill:
     name: str
     run: Callable[[], Awaitable[Row]]
+
+
+async def in_lab(prefix: str, case: str, body: Callable[[Any], Awaitable[Row]]) -> Row:
+    """`body(spec)` in a fresh lab named after the drill, removed afterwards (and any
+    namespace of it left behind) whatever happens."""
+    from keeper.lab import ops, topology
+    from keeper.net import netns
+
+    name = f"{prefix}{zlib.crc32(case.encode()) % 10**6:06d}"
+    try:
+        return await body(await ops.up(name))
+    finally:
+        with contextlib.suppress(Exception):
+            topology.down(name)
+        for ns in [ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-")]:
+            netns.remove(ns)

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from keeper.errors import KeeperError
-from keeper.lab import ops, topology
-from keeper.lab.faults import Drill, Row
+from keeper.lab import ops
+from keeper.lab.faults import Drill, Row, in_lab
 from keeper.lab.topology import AGENT_PORT, LabSpec
 from keeper.lab.typist import SocketLink, Typist, TypistStats, compare
 from keeper.net import netns
@@ -649,15 +649,7 @@ async def run_case(spec: LabSpec, case: str, *, mem_mb: int = 32) -> Row:
 
 def _drill(case: str) -> Drill:
     async def run() -> Row:
-        name = f"kh{abs(hash(case)) % 10**6:06d}"
-        try:
-            spec = await ops.up(name)
-            return await run_case(spec, case)
-        finally:
-            with contextlib.suppress(Exception):
-                topology.down(name)
-            for ns in [ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-")]:
-                netns.remove(ns)
+        return await in_lab("kh", case, lambda spec: run_case(spec, case))
 
     return Drill(case, run)
 

@@ -27,13 +27,12 @@ drills build a lab of their own each (bench/faults.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from keeper.errors import KeeperError
-from keeper.lab import ops, topology
-from keeper.lab.faults import Drill, Row
+from keeper.lab import ops
+from keeper.lab.faults import Drill, Row, in_lab
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
 
@@ -148,19 +147,7 @@ async def fresh_session(spec: LabSpec, seconds: float = 1.5) -> dict[str, Any]:
 
 def _drill(case: Case) -> Drill:
     async def run() -> Row:
-        from keeper.net import netns
-
-        name = f"kw{abs(hash(case.name)) % 10**6:06d}"
-        spec = None
-        try:
-            spec = await ops.up(name)
-            return await run_case(spec, case)
-        finally:
-            with contextlib.suppress(Exception):
-                topology.down(name)
-            leftovers = [ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-")]
-            for ns in leftovers:
-                netns.remove(ns)
+        return await in_lab("kw", case.name, lambda spec: run_case(spec, case))
 
     return Drill(case.name, run)
 
