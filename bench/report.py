@@ -124,9 +124,12 @@ def _latency(doc: dict) -> str:
         f"{r['median_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms" for r in doc["rows"])
 
 
+ENCODING_NAMES = {"raw": "Raw", "hextile": "Hextile", "zrle": "ZRLE"}
+
+
 def _throughput(doc: dict) -> str:
     return "; ".join(
-        f"VNC {r.get('encoding', 'raw').capitalize()} via {r['mode']}: "
+        f"VNC {ENCODING_NAMES.get(r.get('encoding', 'raw'), r.get('encoding'))} via {r['mode']}: "
         f"{r['full_screens_per_s']:.1f} full screens/s"
         if r["what"] == "vnc" else f"SSH via {r['mode']}: {r['chars_per_s'] / 1e6:.2f} M chars/s"
         for r in doc["rows"])
