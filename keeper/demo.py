@@ -44,13 +44,14 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
-                  say: Any, prompt: bytes, qemu: bool) -> Typist | VncTypist:
+                  say: Any, prompt: bytes, qemu: bool, period: float) -> Typist | VncTypist:
     extra: dict[str, Any] = dict(QEMU_TYPIST) if qemu else {}
+    extra["period"] = period
     if rms == "vnc":
         say(f"{GUEST}'s screen and keyboard through Domain R's VNC server at {ip}:{ports.VNC}")
         say(f"  watch it:  ip netns exec {spec.client_ns} vncviewer {ip}:{ports.VNC}   "
             "(any VNC viewer; see the README)")
-        return await VncTypist.connect(spec.client_ns, (ip, ports.VNC))
+        return await VncTypist.connect(spec.client_ns, (ip, ports.VNC), period=period)
     if rms == "console":
         say(f"{GUEST}'s console through Domain R at {ip}:{ports.CONSOLE} (raw TCP)")
         say(f"  attach yourself:  ip netns exec {spec.client_ns} telnet {ip} {ports.CONSOLE}")
@@ -68,8 +69,9 @@ async def _typist(spec: LabSpec, ip: str, rms: str, workdir: Path,
 
 
 async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms: str = "console",
-                         say: Any = print) -> dict[str, Any]:
-    """guest1 must exist; type into its console while it migrates back and forth."""
+                         say: Any = print, period: float = 0.05) -> dict[str, Any]:
+    """guest1 must exist; type into its console (a key every `period` s, a person's
+    pace by default) while it migrates back and forth."""
     status = await ops.status(spec)
     dom = next(d for d in status["domains"] if d["name"] == GUEST)
     hosts = [h.name for h in spec.hosts]
@@ -78,7 +80,8 @@ async def run_migrations(spec: LabSpec, *, migrations: int, interval: float, rms
     kind = dom.get("kind", "sim")
     prompt = QEMU_PROMPT if kind == "qemu" else f"{GUEST}:~$ ".encode()
     workdir = Path(tempfile.mkdtemp(prefix="keeper-demo-"))
-    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt, kind == "qemu")
+    typist = await _typist(spec, dom["ip"], rms, workdir, say, prompt, kind == "qemu",
+                            period)
     stop = asyncio.Event()
     typing = asyncio.create_task(typist.run(stop))
     stats_ref = typist.stats

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from keeper import ports
 from keeper.console.raw import OUTPUT_HIGH_WATER, RawSession
-from keeper.errors import NotMovable
+from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -237,12 +237,29 @@ class RawConsole(MovableSessions):
         self.next_id = ckpt.next_session_id
         self._in_repair = True
 
+    async def prepare_resume(self) -> None:
+        """Nothing here can fail: the sessions were rebuilt at restore."""
+
     async def resume(self) -> None:
-        for conn in self.conns.values():
-            tcprepair.leave_repair(conn.sock, window_probe=self.window_probe)
+        for sid, conn in list(self.conns.items()):
+            try:
+                tcprepair.leave_repair(conn.sock, window_probe=self.window_probe)
+            except KeeperError as exc:  # past the point of no return: that one ends
+                log.error("console %d cannot leave repair mode, reset: %s", sid, exc)
+                tcprepair.reset(conn.sock)
+                self.conns.pop(sid, None)
         self._in_repair = False
         for conn in list(self.conns.values()):
             conn.start()
+
+    def abandon(self) -> None:
+        """The resume failed past the point of no return: the sessions still in repair
+        mode end here, each with an RST so its client knows at once."""
+        if self._in_repair:
+            for conn in list(self.conns.values()):
+                tcprepair.reset(conn.sock)
+            self.conns.clear()
+            self._in_repair = False
 
     # -- reporting and shutdown -------------------------------------------------------------
 

@@ -370,22 +370,39 @@ class DomainR:
         self.phase = Phase.RESTORED
         return self.last_move
 
-    async def resume(self, *, fail_after: int | None = None) -> None:
+    async def resume(self, *, fail_prepare_after: int | None = None,
+                     fail_after: int | None = None) -> list[str]:
         """Link is up: leave repair mode (window probe), announce, serve.
 
-        A service whose resume raises leaves the others that already left repair mode
-        live: the agent takes the link down at once and the move is fenced and rolled
-        back (docs/design.md, the window). `fail_after` (a drill) raises after that
-        many services resumed."""
+        Two phases (docs/design.md, the window). First every service prepares what
+        can fail while its sockets are still silent (in repair mode, they neither
+        answer nor acknowledge): a failure there raises and nothing of this R was
+        seen, so the move rolls back whole. Then every service leaves repair mode:
+        from the first socket on, this R is the only one that may serve the IP, so a
+        service that fails then ends its own sessions (each with an RST, its clients
+        reconnect) and the others serve on. Returns those failures, one line each.
+        `fail_prepare_after` and `fail_after` are drills: fail after that many
+        services prepared, resp. resumed."""
         self._require(Phase.RESTORED)
+        for done, svc in enumerate(self.services):
+            if fail_prepare_after is not None and done >= fail_prepare_after:
+                raise KeeperError(f"fault drill: preparing the resume failed after {done} "
+                                  f"services ({', '.join(s.name for s in self.services[:done])})")
+            await svc.prepare_resume()
         # A task: it goes on the wire at our first wait, after the raw console's probes.
         self._announce()
+        failed: list[str] = []
         for done, svc in enumerate(self.services):
-            if fail_after is not None and done >= fail_after:
-                raise KeeperError(f"fault drill: resume failed after {done} services "
-                                  f"({', '.join(s.name for s in self.services[:done])})")
-            await svc.resume()
+            try:
+                if fail_after is not None and done >= fail_after:
+                    raise KeeperError(f"fault drill: resume failed after {done} services")
+                await svc.resume()
+            except Exception as exc:  # past the point of no return: forward, not back
+                log.error("%s did not resume, its sessions end: %s", svc.name, exc)
+                failed.append(f"{svc.name}: {exc}")
+                svc.abandon()
         self.start()
+        return failed
 
     async def announce_now(self) -> None:
         if self._announcer is not None:

@@ -90,13 +90,14 @@ def build_app(domr: DomainR) -> web.Application:
     @routes.post("/resume")
     @guarded
     async def resume(request: web.Request) -> web.StreamResponse:
-        # a drill (keeper.hostd.drills, resume_midway): fail after this many services
-        # left repair mode, as a service whose resume raises would
-        midway = request.query.get("fail_after")
-        await domr.resume(fail_after=int(midway) if midway is not None else None)
+        # drills (keeper.hostd.drills, resume_prepare and resume_midway): fail after
+        # this many services prepared, resp. left repair mode, as a service would
+        drill = {k: int(v) for k, v in request.query.items()
+                 if k in ("fail_prepare_after", "fail_after")}
+        failed = await domr.resume(**drill)
         # still bound to the agent: until the source has settled the move, a crash of
         # this host's agent must take this R with it (docs/design.md, the window)
-        return web.json_response({"phase": domr.phase.value})
+        return web.json_response({"phase": domr.phase.value, "failed": failed})
 
     @routes.post("/confirm")
     @guarded

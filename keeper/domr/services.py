@@ -7,7 +7,7 @@ machine and the devices, and calls every service in turn at each step. The order
                 release          the move succeeded: drop the sockets silently
                 resume_in_place  rolled back (after quiesce or checkpoint): the sockets
                                  leave repair mode, the sessions serve again; then start
-  target      bind → restore → resume → start
+  target      bind → restore → prepare_resume → resume (or abandon) → start
               Bind first: a restored socket may share a port with a listener only
               while it is in repair mode.
   any time    status; close (idempotent)
@@ -55,8 +55,18 @@ class Service(Protocol[C]):
         """On the target: rebuild the sessions, sockets in repair mode, link still down.
         All or nothing: on failure, what this call restored is dropped silently."""
 
+    async def prepare_resume(self) -> None:
+        """The link is up, the sockets still in repair mode: do everything about the
+        restored sessions that can fail, touching no socket. A failure here leaves
+        nothing seen: the move rolls back."""
+
     async def resume(self) -> None:
-        """The link is up: leave repair mode, serve the restored sessions."""
+        """Leave repair mode, serve the restored sessions. Past the point of no
+        return: a session that cannot be served ends alone (an RST)."""
+
+    def abandon(self) -> None:
+        """Another step of the resume failed: the restored sessions this service has
+        not served yet end, each with an RST, and none is left in repair mode."""
 
     async def close(self) -> None:
         """Idempotent: stop accepting, close the sessions (silently if in repair mode)."""

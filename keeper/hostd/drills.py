@@ -14,8 +14,11 @@ migrating guest's Domain R here, just after the run launched ACTION (the window
 after Domain U resumed on the target, docs/design.md). `"mute"` (at settle, on the
 target) fails every settle request from the source until disarmed, as a target the
 source cannot hear from would: the source gives up undecided. `"fail"` at
-`resume_midway` (on the target) makes its Domain R's resume fail after its first
-service left repair mode, as a service whose resume raises would.
+`resume_prepare` (on the target) makes its Domain R's resume fail after its first
+service prepared, all sockets still in repair mode (the move rolls back); at
+`resume_midway`, after its first service left repair mode, as a service whose
+resume raises would (past the point of no return: the other services' sessions end,
+the first one's serve on the target).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ log = logging.getLogger("keeper.hostd")
 ACTIONS = ("fail", "crash", "cancel", "kill_guest", "kill_domr", "mute")
 # where the agent checks for an armed fault, in the order a migration passes them
 POINTS = ("incoming", "prepare", "associate", "pages", "evtchns", "restore", "restored",
-          "guest_resume", "guest_resumed", "link_up", "resume_midway", "resumed", "settle")
+          "guest_resume", "guest_resumed", "link_up", "resume_prepare", "resume_midway",
+          "resumed", "settle")
 STEPS = tuple(a.name for a in Action)
 AT_STEP = ("cancel", "crash", "kill_domr")  # what a source's drill at a step may do
 # on a target, at the point "checkpoint": the checkpoint damaged as it arrives (Drills.damaged)

@@ -290,23 +290,27 @@ class AgentTarget:
             await a.set_link(entry.name, up=True)  # the source's link is down already
             a.drills.check("link_up", domr_pid=pid)
             t2 = time.monotonic()
-            midway = a.drills.armed.pop("resume_midway", None) == "fail"
+            drill = "&".join(f"{q}=1" for point, q in (("resume_prepare", "fail_prepare_after"),
+                                                        ("resume_midway", "fail_after"))
+                             if a.drills.armed.pop(point, None) == "fail")
             try:
-                await entry.control.call("POST", "/resume?fail_after=1" if midway
-                                         else "/resume")
+                done = await entry.control.call("POST", "/resume?" + drill if drill
+                                                else "/resume")
             except BaseException:
-                # some of R's sockets may have left repair mode: off the wire at once,
-                # so that nothing more of what they do reaches a client (not even the
-                # close of a service that failed) and nothing more they receive is
-                # acknowledged; the source's settle then fences it and rolls back
+                # R refused before any socket left repair mode (or its answer was
+                # lost): off the wire at once, so that whatever it does next reaches
+                # no client; the source's settle then fences it and rolls back
                 with contextlib.suppress(Exception):
                     await a.set_link(entry.name, up=False)
                 raise
             entry.state = "running"
             a.wire.resumed(name)
+            failed = list(done.get("failed", []))
+            for why in failed:  # past the point of no return: R serves the others
+                log.error("Domain R %s resumed without %s", name, why)
             a.drills.check("resumed", domr_pid=pid)  # serving; the answer not yet sent
             return {"link_up_ms": (t2 - t1) * 1e3,
-                    "resume_ms": (time.monotonic() - t2) * 1e3}
+                    "resume_ms": (time.monotonic() - t2) * 1e3, "failed": failed}
 
     async def settle_domr(self, name: str) -> dict[str, Any]:
         """The peer route (the source asks); see `_settle_domr`."""

@@ -39,6 +39,7 @@ own warning).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import socket
@@ -352,4 +353,14 @@ def restore(rec: TcpRepairRecord) -> Restored:
 
 def release(sock: socket.socket) -> None:
     """Drop a socket that was dumped: in repair mode, close sends neither FIN nor RST."""
+    sock.close()
+
+
+def reset(sock: socket.socket) -> None:
+    """Abort a restored connection that will not be served, so that its peer learns
+    at once (an RST from where the connection stands) instead of waiting on a
+    connection nobody holds. Out of repair mode first: there, close is silent."""
+    with contextlib.suppress(OSError, KernelError):
+        leave_repair(sock, window_probe=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()

@@ -85,6 +85,7 @@ class SshHost:
         self._left: set[ConsoleServer] = set()  # not movable at quiesce: not dumped
         self._dumped: list[tuple[asyncssh.SSHServerConnection, socket.socket]] = []
         self._incoming: list[tuple[SshSessionState, Restored]] = []
+        self._prepared: asyncssh.SSHServerConnectionOptions | None = None
         # connections not yet authenticated, by client address (keeper.ssh.policy)
         self._startups: dict[str, int] = {}
         self.refused_startups = 0
@@ -250,52 +251,64 @@ class SshHost:
             raise
         self._incoming += restored
 
+    async def prepare_resume(self) -> None:
+        """What can fail without the sockets, while they are still silent: each
+        state must be importable here (asyncssh's version, its ciphers), and the
+        server's options are worked out once for every connection."""
+        for state, _ in self._incoming:
+            movable.check_importable(state)
+        self._prepared = await movable.prepare_options(self._kw) if self._incoming else None
+
     async def resume(self) -> None:
         """Link up: leave repair mode, send what the old host never sent, adopt.
 
         Those bytes are SSH packets the old host already encrypted: they reach the
         kernel whole and before anything asyncssh writes. The loop sends them, every
         connection at once as its peer's window allows, so one slow reader cannot stall
-        every session of this Domain R as a blocking send would. If one cannot be sent
-        (RESEND_TIMEOUT), none is adopted and the sockets are dropped silently: the
-        move rolls back, and the old host still holds those bytes at the same sequence
-        numbers."""
+        every session of this Domain R as a blocking send would. This is past the point
+        of no return (the sockets left repair mode): a connection whose bytes cannot be
+        sent (RESEND_TIMEOUT) or that cannot be adopted ends alone, with an RST, and
+        the others are served."""
         loop = asyncio.get_running_loop()
         incoming, self._incoming = self._incoming, []
-        # what can fail without the sockets comes first, while they are still silent
-        prepared = await movable.prepare_options(self._kw) if incoming else None
-        for _, restored in incoming:
-            tcprepair.leave_repair(restored.sock, window_probe=True)
+        prepared, self._prepared = self._prepared, None
+        live: list[tuple[SshSessionState, Restored]] = []
+        for state, restored in incoming:
+            try:
+                tcprepair.leave_repair(restored.sock, window_probe=True)
+            except KeeperError as exc:
+                log.error("ssh connection cannot leave repair mode, reset: %s", exc)
+                tcprepair.reset(restored.sock)
+                continue
             restored.sock.setblocking(False)
-        sent = await asyncio.gather(*(self._resend(loop, r) for _, r in incoming))
-        failed = [why for why in sent if why is not None]
-        if failed:
-            self._silence(incoming)
-            raise NotMovable("resuming SSH: " + "; ".join(failed))
-        try:
-            for state, restored in incoming:
-                sock = restored.sock
-                srv = self._server()
+            live.append((state, restored))
+        sent = await asyncio.gather(*(self._resend(loop, r) for _, r in live))
+        for (state, restored), why in zip(live, sent, strict=True):
+            if why is not None:
+                log.error("ssh connection reset: %s", why)
+                tcprepair.reset(restored.sock)
+                continue
+            srv = self._server()
+            try:
                 conn = await movable.import_(
-                    state, sock, server_factory=lambda srv=srv: srv,
+                    state, restored.sock, server_factory=lambda srv=srv: srv,
                     session_factory=lambda app, srv=srv: self._restored_session(srv, app),
                     options=self._kw, prepared=prepared, loop=loop)
-                srv.conn = conn
-                task = asyncio.create_task(self._watch(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        except Exception as exc:  # none is served: the move rolls back, the old host's
-            self._silence(incoming)  # copies still hold these sessions
-            raise NotMovable(f"resuming SSH: {exc!r}") from exc
+            except Exception as exc:  # import_ closed it
+                log.error("ssh connection could not be adopted: %r", exc)
+                self.servers.discard(srv)
+                continue
+            srv.conn = conn
+            task = asyncio.create_task(self._watch(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    def _silence(incoming: list[tuple[SshSessionState, Restored]]) -> None:
-        """Back into repair mode and dropped: this copy says nothing more, not even a
-        FIN (the source serves these sessions again)."""
-        for _, restored in incoming:
-            with contextlib.suppress(KeeperError, OSError):
-                tcprepair.enter_repair(restored.sock)
-            tcprepair.release(restored.sock)
+    def abandon(self) -> None:
+        """The resume failed past the point of no return elsewhere: the connections
+        not served yet end here, each with an RST."""
+        for _, restored in self._incoming:
+            tcprepair.reset(restored.sock)
+        self._incoming, self._prepared = [], None
 
     @staticmethod
     async def _resend(loop: asyncio.AbstractEventLoop, restored: Restored) -> str | None:

@@ -705,6 +705,19 @@ async def prepare_options(options: Mapping[str, Any]) -> SSHServerConnectionOpti
         None, server_factory=asyncssh.SSHServer, **server_options(**options))
 
 
+def check_importable(state: SshSessionState) -> None:
+    """What `import_` would refuse about `state` before it touches the socket:
+    raises NotMovable, so a Domain R can ask while the socket is still silent."""
+    if asyncssh.__version__ != ASYNCSSH_VERSION or state.asyncssh_version != ASYNCSSH_VERSION:
+        raise NotMovable(f"state from asyncssh {state.asyncssh_version}, running "
+                         f"{asyncssh.__version__}, pinned {ASYNCSSH_VERSION}")
+    for alg in (state.enc_alg_cs, state.enc_alg_sc, state.send.alg, state.recv.alg):
+        if alg not in MOVABLE_CIPHERS:
+            raise NotMovable(f"cipher {alg} cannot be imported")
+    if (state.cmp_alg_cs, state.cmp_alg_sc) != ("none", "none"):
+        raise NotMovable("compressed sessions cannot be imported")
+
+
 async def import_(state: SshSessionState, sock: socket.socket, *,
                   server_factory: Callable[[], asyncssh.SSHServer],
                   session_factory: SessionFactory,
@@ -724,9 +737,7 @@ async def import_(state: SshSessionState, sock: socket.socket, *,
     Raises NotMovable before touching the socket if the state cannot be imported;
     if the adoption itself fails, the connection is closed and NotMovable raised.
     """
-    if asyncssh.__version__ != ASYNCSSH_VERSION or state.asyncssh_version != ASYNCSSH_VERSION:
-        raise NotMovable(f"state from asyncssh {state.asyncssh_version}, running "
-                         f"{asyncssh.__version__}, pinned {ASYNCSSH_VERSION}")
+    check_importable(state)
     loop = loop or asyncio.get_running_loop()
     if prepared is not None:
         opts = copy.copy(prepared)  # shallow: the parsed keys and lists are shared

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keeper import ports
-from keeper.errors import NotMovable
+from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -215,6 +215,7 @@ class VncHost(MovableSessions):
         self.acceptor = Acceptor(ip, port, self._on_accept)
         self._next_id = 1
         self._incoming: list[tuple[VncSessionState, socket.socket]] = []
+        self._ready: list[tuple[VncSessionState, socket.socket, rfb.RfbServer]] = []
         self.keys = self.frames = 0
         self.orphaned: list[InputGroup] = []  # input of viewers that left, not yet taken
         self.serving = False
@@ -315,15 +316,33 @@ class VncHost(MovableSessions):
         for state, _ in restored:
             self._next_id = max(self._next_id, state.id + 1)
 
-    async def resume(self) -> None:
+    async def prepare_resume(self) -> None:
+        """Rebuild each session's protocol core while its socket is still silent: a
+        state that cannot be served fails the resume before anything left repair."""
         incoming, self._incoming = self._incoming, []
-        for state, sock in incoming:
-            tcprepair.leave_repair(sock, window_probe=True)
-            core = rfb.RfbServer(width=0, height=0, name=self.desktop, state=state.rfb)
-            conn = VncConn(self, sock, state, core)
-            self.conns[state.id] = conn
+        self._ready += [(state, sock, rfb.RfbServer(width=0, height=0, name=self.desktop,
+                                                    state=state.rfb))
+                        for state, sock in incoming]
+
+    async def resume(self) -> None:
+        ready, self._ready = self._ready, []
+        for state, sock, core in ready:
+            try:
+                tcprepair.leave_repair(sock, window_probe=True)
+            except KeeperError as exc:  # past the point of no return: that one ends
+                log.error("vnc %d cannot leave repair mode, reset: %s", state.id, exc)
+                tcprepair.reset(sock)
+                continue
+            self.conns[state.id] = VncConn(self, sock, state, core)
         for conn in self.conns.values():
             conn.start()
+
+    def abandon(self) -> None:
+        """The resume failed past the point of no return: the sessions not served yet
+        end here, each with an RST."""
+        for item in [*self._incoming, *self._ready]:
+            tcprepair.reset(item[1])
+        self._incoming, self._ready = [], []
 
     def status(self) -> list[dict[str, object]]:
         return [{"id": c.state.id, "phase": c.core.phase.value, "out": len(c.state.out),
@@ -334,8 +353,8 @@ class VncHost(MovableSessions):
         socket in repair mode closes without FIN or RST)."""
         self.serving = False
         self.acceptor.close()
-        incoming, self._incoming = self._incoming, []
-        for _, sock in incoming:
-            tcprepair.release(sock)  # restored, never resumed: still in repair
+        incoming, self._incoming, self._ready = [*self._incoming, *self._ready], [], []
+        for item in incoming:
+            tcprepair.release(item[1])  # restored, never resumed: still in repair
         for conn in list(self.conns.values()):
             conn.close("Domain R shutting down")

@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass, field
 
 from keeper import ports
-from keeper.errors import NotMovable
+from keeper.errors import KeeperError, NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -271,6 +271,8 @@ class WebHost(MovableSessions):
         self.serving = False
         self._in_repair = False
         self._incoming: list[tuple[HttpState | WebSessionState, socket.socket]] = []
+        self._ready: list[tuple[HttpState | WebSessionState, socket.socket,
+                                rfb.RfbServer | None]] = []
         if not self.assets.installed:
             log.warning("noVNC not found at %s: the page answers 503, the WebSocket works",
                         self.assets.root)
@@ -386,18 +388,38 @@ class WebHost(MovableSessions):
         self._incoming += restored
         self.next_id = max(self.next_id, ckpt.next_id)
 
-    async def resume(self) -> None:
+    async def prepare_resume(self) -> None:
+        """Rebuild each session's RFB core while its socket is still silent: a state
+        that cannot be served fails the resume before anything left repair."""
         incoming, self._incoming = self._incoming, []
         for state, sock in incoming:
-            tcprepair.leave_repair(sock, window_probe=True)
+            core = None if isinstance(state, HttpState) else rfb.RfbServer(
+                width=0, height=0, name=self.vnc.desktop, state=state.vnc.rfb)
+            self._ready.append((state, sock, core))
+
+    async def resume(self) -> None:
+        ready, self._ready = self._ready, []
+        for state, sock, core in ready:
+            try:
+                tcprepair.leave_repair(sock, window_probe=True)
+            except KeeperError as exc:  # past the point of no return: that one ends
+                log.error("web connection cannot leave repair mode, reset: %s", exc)
+                tcprepair.reset(sock)
+                continue
             if isinstance(state, HttpState):
                 self.conns[state.id] = HttpConn(self, sock, state)
             else:
-                core = rfb.RfbServer(width=0, height=0, name=self.vnc.desktop,
-                                     state=state.vnc.rfb)
+                assert core is not None
                 self.conns[state.vnc.id] = WebVncConn(self, sock, state, core)
         for conn in list(self.conns.values()):
             conn.start()
+
+    def abandon(self) -> None:
+        """The resume failed past the point of no return: the connections not served
+        yet end here, each with an RST."""
+        for item in [*self._incoming, *self._ready]:
+            tcprepair.reset(item[1])
+        self._incoming, self._ready = [], []
 
     # -- reporting and shutdown -------------------------------------------------------------
 
@@ -420,9 +442,9 @@ class WebHost(MovableSessions):
         frame, 1001 going away; dumped ones silently)."""
         self.serving = False
         self.acceptor.close()
-        incoming, self._incoming = self._incoming, []
-        for _, sock in incoming:
-            tcprepair.release(sock)
+        incoming, self._incoming, self._ready = [*self._incoming, *self._ready], [], []
+        for item in incoming:
+            tcprepair.release(item[1])
         for conn in list(self.conns.values()):
             if isinstance(conn, WebVncConn):
                 conn.close("Domain R shutting down", code=ws.GOING_AWAY)

@@ -10,6 +10,10 @@ Each `Case` arms one drill (keeper.hostd.drills) on the source or the target age
                        (B's R link up, still in repair mode)   -> the pair on the source
   target step fails    at link_up                              -> on the source
   target R killed      at link_up (SIGKILL, in repair mode)    -> on the source
+  target R's resume    fails preparing (every socket silent)    -> on the source
+                       fails midway (the console's sockets left repair mode: past
+                       the point of no return; the other services' sessions end
+                       with an RST)                            -> on the target
   answer lost          B's R serves, its answer fails          -> on the target
   settle unanswered    B's R serves, the source never hears it (gives up undecided,
                        keeps everything); B asks it, finds it gave up, takes over,
@@ -59,8 +63,9 @@ WINDOW = (
     Case("window/target-agent-crash/link-up", "target", "link_up", "crash", "source"),
     Case("window/target-step-fails/link-up", "target", "link_up", "fail", "source"),
     Case("window/target-domr-killed/link-up", "target", "link_up", "kill_domr", "source"),
+    Case("window/target-domr-prepare-fails", "target", "resume_prepare", "fail", "source"),
     Case("window/target-domr-resume-fails-midway", "target", "resume_midway", "fail",
-         "source"),
+         "target"),
     Case("window/answer-lost/resumed", "target", "resumed", "fail", "target"),
     Case("window/settle-unanswered", "target", "settle", "mute", "target"),
     Case("window/source-domr-killed/resume-r", "source", "RESUME_R", "kill_domr", "target"),
