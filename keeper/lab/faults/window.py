@@ -31,14 +31,17 @@ drills build a lab of their own each (bench/faults.py).
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Any
 
+from keeper import ports
 from keeper.errors import KeeperError
 from keeper.lab import ops
 from keeper.lab.faults import Drill, Row, in_lab
 from keeper.lab.topology import LabSpec
 from keeper.lab.typist import Typist, compare
+from keeper.net import netns
 
 GUEST = "guest1"
 PROMPT = b"guest1:~$ "
@@ -99,6 +102,9 @@ async def run_case(spec: LabSpec, case: Case, *, mem_mb: int = 32) -> Row:
     stop = asyncio.Event()
     task = asyncio.create_task(typist.run(stop))
     extra: dict[str, Any] = {"point": case.point, "action": case.action, "on": case.on}
+    # a resume failing midway ends the sessions of the services after the console's:
+    # a VNC viewer (its greeting read) must learn at once, by an RST
+    viewer = await _viewer(spec, doc["ip"]) if case.point == "resume_midway" else None
     try:
         await asyncio.sleep(0.5)
         await ops.call(spec, case.host(case.on), "POST", "/debug/fault",
@@ -119,6 +125,8 @@ async def run_case(spec: LabSpec, case: Case, *, mem_mb: int = 32) -> Row:
                 break
             await asyncio.sleep(0.25)
         extra["serving"] = [f["host"] for f in found]
+        if viewer is not None:
+            extra["viewer"] = await _viewer_end(viewer)
     finally:
         stop.set()
         stats = await task
@@ -132,6 +140,28 @@ async def run_case(spec: LabSpec, case: Case, *, mem_mb: int = 32) -> Row:
                  and verdict["lost"] == 0 and len(stats.sent) > 0)
     return Row(case.name, sessions=1, lost=verdict["lost"], reconnects=0,
                recovered=recovered, extra=extra)
+
+
+async def _viewer(spec: LabSpec, ip: str) -> socket.socket:
+    with netns.entered(spec.client_ns):
+        sock = socket.create_connection((ip, ports.VNC), timeout=10)
+    sock.recv(12)  # "RFB 003.008\n": the session exists on Domain R
+    return sock
+
+
+async def _viewer_end(sock: socket.socket, wait: float = 5.0) -> str:
+    """How the viewer's connection ended: "reset", "closed" (a FIN) or "open"."""
+    sock.settimeout(0.0)
+    loop = asyncio.get_running_loop()
+    try:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 4096), wait)
+        return "closed" if data == b"" else "open"
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "open"
+    finally:
+        sock.close()
 
 
 async def fresh_session(spec: LabSpec, seconds: float = 1.5) -> dict[str, Any]:
