@@ -38,6 +38,10 @@ DESKTOP_SIZE = -223  # pseudo-encoding: the framebuffer changed size
 LAST_RECT = -224  # pseudo-encoding: no more rectangles in this update
 
 ZLIB_WINDOW = 32 * 1024  # deflate's window: all a continuing compressor needs to know
+# ZlibStream.compress: when deflate is not worth its time
+STORE_PROBE = 64 * 1024  # bytes: smaller rectangles are always compressed
+STORE_GAIN = 0.2  # shrinking by less than this...
+STORE_RUN = 8  # ...sends this many rectangles stored before trying again
 
 _HEADER = struct.Struct(">HHHHi")
 
@@ -159,21 +163,93 @@ def _hextile_tile(
     return bytes((mask,)) + body, tile_bg, fg
 
 
+def _tiles(a: np.ndarray, size: int) -> np.ndarray:
+    """The whole `size`x`size` tiles of `a` (h, w), one row each, tile order (left to
+    right, top down): shape (tiles, size * size). Partial tiles at the right and
+    bottom edges are not included."""
+    ny, nx = a.shape[0] // size, a.shape[1] // size
+    return (a[:ny * size, :nx * size].reshape(ny, size, nx, size).swapaxes(1, 2)
+            .reshape(ny * nx, size * size))
+
+
+@dataclass(slots=True)
+class _TileStats:
+    """Per whole tile, from one sort of every tile at once: its number of colours and
+    its most frequent colour (the smallest of the most frequent, as np.unique's
+    argmax would pick)."""
+
+    colours: np.ndarray  # (tiles,)
+    commonest: np.ndarray  # (tiles,)
+
+    @classmethod
+    def of(cls, tiles: np.ndarray) -> _TileStats:
+        n, px = tiles.shape
+        ordered = np.sort(tiles, axis=1)
+        new = np.ones((n, px), dtype=bool)
+        new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        run = np.cumsum(new, axis=1) - 1  # which colour (ascending) each position holds
+        counts = np.bincount((np.arange(n)[:, None] * px + run).ravel(),
+                             minlength=n * px).reshape(n, px)
+        first = np.argmax(run == np.argmax(counts, axis=1)[:, None], axis=1)
+        return cls(new.sum(axis=1), ordered[np.arange(n), first])
+
+
+_TILE_SOLID, _TILE_RAW = 1, 2
+
+
+def _hextile_kinds(values: np.ndarray, runs: _Runs, bpp: int) -> np.ndarray:
+    """Per tile (rows, cols of tiles): solid, raw whatever is carried over, or 0 (the
+    tile's own encoder decides). Array operations over every whole tile at once: a
+    screen of photos or gradients is raw everywhere, and is found so without a Python
+    loop per tile; what `_hextile_tile` decides is never changed, only known early."""
+    height, width = values.shape
+    kinds = np.zeros((-(-height // 16), -(-width // 16)), dtype=np.int8)
+    ny, nx = height // 16, width // 16
+    if not ny or not nx:
+        return kinds
+    tiles = _tiles(values, 16)
+    stats = _TileStats.of(tiles)
+    fresh = _tiles(runs.start & ~runs.continues, 16)  # subrectangles' top-left corners
+    subrects = (fresh & (tiles != stats.commonest[:, None])).sum(axis=1)
+    # the least the tile could cost: background and foreground both carried over
+    least = 1 + subrects * np.where(stats.colours == 2, 2, 2 + bpp)
+    raw = (stats.colours > 1) & ((subrects > 255) | (least >= 256 * bpp))
+    kinds[:ny, :nx] = np.where(stats.colours == 1, _TILE_SOLID,
+                               np.where(raw, _TILE_RAW, 0)).reshape(ny, nx)
+    return kinds
+
+
 def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
     """Hextile (rfbproto "Hextile Encoding"): 16x16 tiles, each raw or background plus
     subrectangles. Background/foreground are carried over only where the spec allows
     (never after a raw tile; foreground never after a SubrectsColoured tile)."""
     height, width = values.shape
+    bpp = fmt.bytes_per_pixel
     runs = _Runs.of(values)
+    kinds = _hextile_kinds(values, runs, bpp)
+    wire = np.frombuffer(values_to_bytes(values, fmt), dtype=np.uint8).reshape(
+        height, width * bpp)
     out = bytearray()
     bg: int | None = None  # carried background, if valid
     fg: int | None = None  # carried foreground, if valid
     for ty in range(0, height, 16):
+        row = kinds[ty // 16]
         for tx in range(0, width, 16):
-            coded = _hextile_tile(values, runs, tx, ty, fmt, bg, fg)
+            kind = row[tx // 16]
+            if kind == _TILE_SOLID:
+                first = int(values[ty, tx])
+                if first == bg:
+                    out.append(0)
+                else:
+                    out.append(_HT_BACKGROUND)
+                    out += wire[ty, tx * bpp:(tx + 1) * bpp].tobytes()
+                    bg = first
+                continue
+            coded = None if kind == _TILE_RAW else _hextile_tile(values, runs, tx, ty, fmt,
+                                                                 bg, fg)
             if coded is None:
                 out.append(_HT_RAW)
-                out += values_to_bytes(values[ty:ty + 16, tx:tx + 16], fmt)
+                out += wire[ty:ty + 16, tx * bpp:(tx + 16) * bpp].tobytes()
                 bg = fg = None
             else:
                 data, bg, fg = coded
@@ -191,6 +267,7 @@ class ZlibState:
     level: int = 6
     started: bool = False  # the zlib header has gone out
     window: bytes = b""  # last ZLIB_WINDOW uncompressed bytes fed to the stream
+    stored: int = 0  # rectangles still to send stored (level 0): the last did not shrink
 
 
 class ZlibStream:
@@ -206,23 +283,37 @@ class ZlibStream:
 
     def _make(self) -> zlib._Compress:
         st = self.state
+        level = 0 if st.stored else st.level
         if not st.started:
-            return zlib.compressobj(st.level)
+            return zlib.compressobj(level)
         if st.window:
-            return zlib.compressobj(st.level, zlib.DEFLATED, -15, zdict=st.window)
-        return zlib.compressobj(st.level, zlib.DEFLATED, -15)
+            return zlib.compressobj(level, zlib.DEFLATED, -15, zdict=st.window)
+        return zlib.compressobj(level, zlib.DEFLATED, -15)
 
     def compress(self, data: bytes) -> bytes:
+        """Measured here on an 800x600 screen whose every pixel changes each frame
+        (photos, video, the bench's screensaver): deflate shrinks its 1.4 MB of ZRLE
+        data by 9 % at any level and costs as much as encoding it, so a rectangle
+        over STORE_PROBE bytes that shrinks by less than STORE_GAIN makes the next
+        STORE_RUN go out stored (level 0: copied, still one stream); then the level
+        is tried again. Text and UI screens shrink 5x or more and never switch."""
+        st = self.state
         if self._compressor is None:
             self._compressor = self._make()
         c = self._compressor
         out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
-        st = self.state
         st.started = True
         if len(data) >= ZLIB_WINDOW:
             st.window = bytes(data[-ZLIB_WINDOW:])
         else:
             st.window = (st.window + data)[-ZLIB_WINDOW:]
+        if st.stored:
+            st.stored -= 1
+            if not st.stored:
+                self._compressor = None  # back to st.level, primed with the window
+        elif len(data) > STORE_PROBE and len(out) > len(data) * (1 - STORE_GAIN):
+            st.stored = STORE_RUN
+            self._compressor = None
         return out
 
 
@@ -231,13 +322,21 @@ def _run_length_bytes(lengths: np.ndarray) -> np.ndarray:
     return (lengths - 1) // 255 + 1
 
 
-def _zrle_tile(tile: np.ndarray, fmt: PixelFormat, cp: int) -> bytes:
-    """One ZRLE tile: the cheapest of solid, packed palette, raw, plain RLE, palette RLE."""
+def _zrle_tile(tile: np.ndarray, fmt: PixelFormat, cp: int, colours: int = 0) -> bytes:
+    """One ZRLE tile: the cheapest of solid, packed palette, raw, plain RLE, palette RLE.
+    `colours`, if known (`_TileStats`), spares the palette's sort where no palette
+    encoding can apply (more than 127 colours)."""
     th, tw = tile.shape
     flat = tile.reshape(-1)
     n = flat.size
-    palette, inverse = np.unique(flat, return_inverse=True)
-    k = palette.size
+    if colours == 1:
+        return b"\x01" + values_to_cpixels(flat[:1], fmt)
+    if colours > 127:
+        palette = inverse = flat[:0]
+        k = colours
+    else:
+        palette, inverse = np.unique(flat, return_inverse=True)
+        k = palette.size
     if k == 1:
         return b"\x01" + values_to_cpixels(palette, fmt)
     starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
@@ -285,8 +384,12 @@ def zrle_data(values: np.ndarray, fmt: PixelFormat) -> bytes:
     """The uncompressed ZRLE payload of a rectangle: 64x64 tiles, left to right, top down."""
     height, width = values.shape
     cp, _ = cpixel_layout(fmt)
+    colours = np.zeros((-(-height // 64), -(-width // 64)), dtype=np.int64)
+    ny, nx = height // 64, width // 64
+    if ny and nx:  # the whole tiles' colour counts, in one sort
+        colours[:ny, :nx] = _TileStats.of(_tiles(values, 64)).colours.reshape(ny, nx)
     return b"".join(
-        _zrle_tile(values[ty:ty + 64, tx:tx + 64], fmt, cp)
+        _zrle_tile(values[ty:ty + 64, tx:tx + 64], fmt, cp, int(colours[ty // 64, tx // 64]))
         for ty in range(0, height, 64)
         for tx in range(0, width, 64)
     )
