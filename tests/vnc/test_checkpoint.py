@@ -192,3 +192,26 @@ def test_ready_after_restore_in_init() -> None:
     s.connection_made()
     s.receive_data(b"RFB 003.003\n")
     assert restore(s).receive_data(b"\x01") == [Ready(shared=True)]
+
+
+def test_stream_goes_stored_when_deflate_does_not_pay_and_back() -> None:
+    """Incompressible rectangles switch the stream to stored blocks for a run, then
+    compression is tried again; a restore in between and the level switches keep one
+    stream the client's single decompressobj follows."""
+    rnd = random.Random(5)
+    state = ZlibState()
+    inflater = zlib.decompressobj()
+    noise = [rnd.randbytes(enc.STORE_PROBE + 1000) for _ in range(3)]
+    text = b"guest1:~$ ls -l /var/log\r\n" * 4000
+    sent = []
+    for i, chunk in enumerate([noise[0], noise[1], text, noise[2]] + [text] * enc.STORE_RUN):
+        if i == 2:
+            state = loads_state_zlib(state)  # a checkpoint while stored
+        out = ZlibStream(state).compress(chunk)
+        assert inflater.decompress(out) == chunk
+        sent.append((len(out), state.stored))
+    assert sent[0][1] == enc.STORE_RUN  # noise did not shrink: stored from then on
+    assert sent[1][0] > len(noise[1])  # stored: a little larger than the data
+    assert sent[2][0] > len(text) // 2  # text while stored: not compressed
+    assert state.stored == 0
+    assert sent[-1][0] < len(text) // 20  # compressed again, against the window
