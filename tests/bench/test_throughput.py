@@ -58,5 +58,8 @@ def test_throughput_ends_with_one_json_line(tmp_path: Path) -> None:
     assert all(r["frames_per_s"] > 0 and r["full_screens_per_s"] == r["frames_per_s"]
                for r in doc["rows"] if r["what"] == "vnc")
     ssh_rows = {r["mode"]: r for r in doc["rows"] if r["what"] == "ssh"}
-    assert {"keeper", "baseline"} <= set(ssh_rows)
+    assert {"keeper", "baseline", "domain-r-fed"} <= set(ssh_rows)
+    if Path("/usr/sbin/sshd").exists():  # setup installs it: both ratios are measured
+        assert "openssh-sshd" in ssh_rows
+        assert all(isinstance(ssh[p], float) for p in ("domain_r_path", "whole_path")), ssh
     assert all(r["chars"] >= 20000 for r in ssh_rows.values())
