@@ -194,7 +194,8 @@ async def domr_ssh_rate(chars: int) -> dict[str, Any]:
         host = spec.hosts[0]
         work = spec.rundir / "feed"
         work.mkdir(mode=0o700)
-        data = b"".join(b"%d\r\n" % i for i in range(1, seq_last(chars) + 1)) + FEED_END
+        # the guest's `seq` output (CR LF), at least `chars` of it
+        data = b"".join(b"%d\r\n" % i for i in range(1, seq_last(chars) + 2)) + FEED_END
         cfg = SshConfig(
             host_key=asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode(),
             authorized_keys=(spec.ssh_dir / "authorized_keys").read_text())
@@ -248,7 +249,7 @@ async def sshd_rate(chars: int) -> dict[str, Any]:
         host = spec.hosts[0]
         work = spec.rundir / "sshd"
         work.mkdir(mode=0o700)
-        data = b"".join(b"%d\n" % i for i in range(1, seq_last(chars) + 1))
+        data = b"".join(b"%d\n" % i for i in range(1, seq_last(chars) + 2))  # >= chars
         (work / "seq.txt").write_bytes(data)
         key = work / "host_key"
         key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
