@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from keeper import ports
 from keeper.console.raw import OUTPUT_HIGH_WATER, RawSession
-from keeper.errors import KeeperError, NotMovable
+from keeper.errors import NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -242,11 +242,8 @@ class RawConsole(MovableSessions):
 
     async def resume(self) -> None:
         for sid, conn in list(self.conns.items()):
-            try:
-                tcprepair.leave_repair(conn.sock, window_probe=self.window_probe)
-            except KeeperError as exc:  # past the point of no return: that one ends
-                log.error("console %d cannot leave repair mode, reset: %s", sid, exc)
-                tcprepair.reset(conn.sock)
+            if not tcprepair.go_live(conn.sock, f"console {sid}",
+                                     window_probe=self.window_probe):
                 self.conns.pop(sid, None)
         self._in_repair = False
         for conn in list(self.conns.values()):

@@ -27,6 +27,22 @@ class MovableSessions:
     conns: dict[int, Any]  # id -> a Session
     acceptor: Acceptor
     _in_repair: bool
+    # restored on the target, not served yet: (state, socket) after restore, then
+    # (state, socket, protocol core) after prepare_resume
+    _incoming: list[Any]
+    _ready: list[Any]
+
+    def _unserved(self) -> list[socket.socket]:
+        """Take every restored socket not served yet (both lists emptied)."""
+        socks = [item[1] for item in (*self._incoming, *self._ready)]
+        self._incoming, self._ready = [], []
+        return socks
+
+    def abandon(self) -> None:
+        """The resume failed past the point of no return: the sessions not served yet
+        end here, each with an RST."""
+        for sock in self._unserved():
+            tcprepair.reset(sock)
 
     def bind(self) -> None:
         self.acceptor.bind()

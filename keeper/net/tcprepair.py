@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import socket
 import struct
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ from keeper.net.tcpinfo import (
     TCPI_OPT_TIMESTAMPS,
     TCPI_OPT_WSCALE,
 )
+
+log = logging.getLogger("keeper.net")
 
 # linux/tcp.h
 TCP_REPAIR = 19
@@ -354,6 +357,19 @@ def restore(rec: TcpRepairRecord) -> Restored:
 def release(sock: socket.socket) -> None:
     """Drop a socket that was dumped: in repair mode, close sends neither FIN nor RST."""
     sock.close()
+
+
+def go_live(sock: socket.socket, what: str, *, window_probe: bool = True) -> bool:
+    """Leave repair mode past the point of no return (the target's resume): if the
+    kernel refuses, the connection cannot go back to its old host either, so it is
+    reset (`reset`) and False returned; `what` names it in the log."""
+    try:
+        leave_repair(sock, window_probe=window_probe)
+    except KernelError as exc:
+        log.error("%s cannot leave repair mode, reset: %s", what, exc)
+        reset(sock)
+        return False
+    return True
 
 
 def reset(sock: socket.socket) -> None:

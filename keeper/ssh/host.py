@@ -22,7 +22,7 @@ import asyncssh
 
 from keeper import ports
 from keeper.console.raw import RawSession
-from keeper.errors import KeeperError, NotMovable
+from keeper.errors import NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.tcprepair import Restored, TcpRepairRecord
@@ -274,14 +274,9 @@ class SshHost:
         prepared, self._prepared = self._prepared, None
         live: list[tuple[SshSessionState, Restored]] = []
         for state, restored in incoming:
-            try:
-                tcprepair.leave_repair(restored.sock, window_probe=True)
-            except KeeperError as exc:
-                log.error("ssh connection cannot leave repair mode, reset: %s", exc)
-                tcprepair.reset(restored.sock)
-                continue
-            restored.sock.setblocking(False)
-            live.append((state, restored))
+            if tcprepair.go_live(restored.sock, "ssh connection"):
+                restored.sock.setblocking(False)
+                live.append((state, restored))
         sent = await asyncio.gather(*(self._resend(loop, r) for _, r in live))
         for (state, restored), why in zip(live, sent, strict=True):
             if why is not None:

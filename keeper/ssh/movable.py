@@ -769,11 +769,7 @@ async def import_(state: SshSessionState, sock: socket.socket, *,
 
 
 def _restore_connection(conn: SSHServerConnection, st: SshSessionState) -> None:
-    for alg in (st.enc_alg_cs, st.enc_alg_sc):
-        if alg not in MOVABLE_CIPHERS:
-            raise NotMovable(f"cipher {alg} cannot be imported")
-    if (st.cmp_alg_cs, st.cmp_alg_sc) != ("none", "none"):
-        raise NotMovable("compressed sessions cannot be imported")
+    """`st` passed check_importable."""
     conn._client_version = st.client_version
     conn._server_version = st.server_version
     conn._client_kexinit = st.client_kexinit

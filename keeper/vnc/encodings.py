@@ -112,20 +112,25 @@ class _Runs:
 
 def _hextile_tile(
     values: np.ndarray, runs: _Runs, tx: int, ty: int, fmt: PixelFormat,
-    bg: int | None, fg: int | None,
+    bg: int | None, fg: int | None, known: tuple[int, int] | None = None,
 ) -> tuple[bytes, int | None, int | None] | None:
     """The tile at (tx, ty), not raw, given the carried bg/fg: (bytes, new bg, new fg);
-    None if raw is no bigger or it needs more than 255 subrectangles."""
+    None if raw is no bigger or it needs more than 255 subrectangles. `known` is the
+    tile's (number of colours, commonest colour) if `_TileStats` has them already."""
     tile = values[ty:ty + 16, tx:tx + 16]
     th, tw = tile.shape
     bpp = fmt.bytes_per_pixel
     first = int(tile[0, 0])
-    if tile.min() == tile.max():  # solid: the common case, skip the rest
+    if known is None and tile.min() == tile.max():  # solid: the common case
+        known = (1, first)
+    if known is not None and known[0] == 1:
         if first == bg:
             return b"\x00", bg, fg
         return bytes((_HT_BACKGROUND,)) + values_to_bytes(np.array([first]), fmt), first, fg
-    colours, counts = np.unique(tile, return_counts=True)
-    tile_bg = int(colours[int(np.argmax(counts))])
+    if known is None:
+        colours, counts = np.unique(tile, return_counts=True)
+        known = (colours.size, int(colours[int(np.argmax(counts))]))
+    ncolours, tile_bg = known
     mask = 0
     body = bytearray()
     if tile_bg != bg:
@@ -133,8 +138,8 @@ def _hextile_tile(
         body += values_to_bytes(np.array([tile_bg]), fmt)
     continues = runs.continues[ty:ty + th, tx:tx + tw]
     ys, xs = np.nonzero(runs.start[ty:ty + th, tx:tx + tw] & (tile != tile_bg) & ~continues)
-    mono = len(colours) == 2
-    colour = int(colours[0] if colours[1] == tile_bg else colours[1]) if mono else None
+    mono = ncolours == 2
+    colour = int(tile[tile != tile_bg][0]) if mono else None
     size = len(body) + 1 + len(ys) * (2 if mono else 2 + bpp)
     if mono and colour != fg:
         size += bpp
@@ -197,16 +202,18 @@ class _TileStats:
 _TILE_SOLID, _TILE_RAW = 1, 2
 
 
-def _hextile_kinds(values: np.ndarray, runs: _Runs, bpp: int) -> np.ndarray:
+def _hextile_kinds(values: np.ndarray, runs: _Runs,
+                   bpp: int) -> tuple[np.ndarray, _TileStats | None]:
     """Per tile (rows, cols of tiles): solid, raw whatever is carried over, or 0 (the
-    tile's own encoder decides). Array operations over every whole tile at once: a
-    screen of photos or gradients is raw everywhere, and is found so without a Python
-    loop per tile; what `_hextile_tile` decides is never changed, only known early."""
+    tile's own encoder decides, given the whole tiles' stats, also returned). Array
+    operations over every whole tile at once: a screen of photos or gradients is raw
+    everywhere, and is found so without a Python loop per tile; what `_hextile_tile`
+    decides is never changed, only known early."""
     height, width = values.shape
     kinds = np.zeros((-(-height // 16), -(-width // 16)), dtype=np.int8)
     ny, nx = height // 16, width // 16
     if not ny or not nx:
-        return kinds
+        return kinds, None
     tiles = _tiles(values, 16)
     stats = _TileStats.of(tiles)
     fresh = _tiles(runs.start & ~runs.continues, 16)  # subrectangles' top-left corners
@@ -216,7 +223,7 @@ def _hextile_kinds(values: np.ndarray, runs: _Runs, bpp: int) -> np.ndarray:
     raw = (stats.colours > 1) & ((subrects > 255) | (least >= 256 * bpp))
     kinds[:ny, :nx] = np.where(stats.colours == 1, _TILE_SOLID,
                                np.where(raw, _TILE_RAW, 0)).reshape(ny, nx)
-    return kinds
+    return kinds, stats
 
 
 def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
@@ -226,7 +233,8 @@ def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
     height, width = values.shape
     bpp = fmt.bytes_per_pixel
     runs = _Runs.of(values)
-    kinds = _hextile_kinds(values, runs, bpp)
+    kinds, stats = _hextile_kinds(values, runs, bpp)
+    whole_x = width // 16  # tiles a row of whole tiles has
     wire = np.frombuffer(values_to_bytes(values, fmt), dtype=np.uint8).reshape(
         height, width * bpp)
     out = bytearray()
@@ -245,8 +253,12 @@ def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
                     out += wire[ty, tx * bpp:(tx + 1) * bpp].tobytes()
                     bg = first
                 continue
+            known = None
+            if stats is not None and ty + 16 <= height and tx + 16 <= width:
+                i = ty // 16 * whole_x + tx // 16
+                known = (int(stats.colours[i]), int(stats.commonest[i]))
             coded = None if kind == _TILE_RAW else _hextile_tile(values, runs, tx, ty, fmt,
-                                                                 bg, fg)
+                                                                 bg, fg, known)
             if coded is None:
                 out.append(_HT_RAW)
                 out += wire[ty:ty + 16, tx * bpp:(tx + 16) * bpp].tobytes()

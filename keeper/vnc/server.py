@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keeper import ports
-from keeper.errors import KeeperError, NotMovable
+from keeper.errors import NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -327,22 +327,10 @@ class VncHost(MovableSessions):
     async def resume(self) -> None:
         ready, self._ready = self._ready, []
         for state, sock, core in ready:
-            try:
-                tcprepair.leave_repair(sock, window_probe=True)
-            except KeeperError as exc:  # past the point of no return: that one ends
-                log.error("vnc %d cannot leave repair mode, reset: %s", state.id, exc)
-                tcprepair.reset(sock)
-                continue
-            self.conns[state.id] = VncConn(self, sock, state, core)
+            if tcprepair.go_live(sock, f"vnc {state.id}"):
+                self.conns[state.id] = VncConn(self, sock, state, core)
         for conn in self.conns.values():
             conn.start()
-
-    def abandon(self) -> None:
-        """The resume failed past the point of no return: the sessions not served yet
-        end here, each with an RST."""
-        for item in [*self._incoming, *self._ready]:
-            tcprepair.reset(item[1])
-        self._incoming, self._ready = [], []
 
     def status(self) -> list[dict[str, object]]:
         return [{"id": c.state.id, "phase": c.core.phase.value, "out": len(c.state.out),
@@ -353,8 +341,7 @@ class VncHost(MovableSessions):
         socket in repair mode closes without FIN or RST)."""
         self.serving = False
         self.acceptor.close()
-        incoming, self._incoming, self._ready = [*self._incoming, *self._ready], [], []
-        for item in incoming:
-            tcprepair.release(item[1])  # restored, never resumed: still in repair
+        for sock in self._unserved():
+            tcprepair.release(sock)  # restored, never resumed: still in repair
         for conn in list(self.conns.values()):
             conn.close("Domain R shutting down")

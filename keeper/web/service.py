@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass, field
 
 from keeper import ports
-from keeper.errors import KeeperError, NotMovable
+from keeper.errors import NotMovable
 from keeper.net import tcprepair
 from keeper.net.listen import Acceptor
 from keeper.net.pump import SocketPump
@@ -400,11 +400,7 @@ class WebHost(MovableSessions):
     async def resume(self) -> None:
         ready, self._ready = self._ready, []
         for state, sock, core in ready:
-            try:
-                tcprepair.leave_repair(sock, window_probe=True)
-            except KeeperError as exc:  # past the point of no return: that one ends
-                log.error("web connection cannot leave repair mode, reset: %s", exc)
-                tcprepair.reset(sock)
+            if not tcprepair.go_live(sock, "web connection"):
                 continue
             if isinstance(state, HttpState):
                 self.conns[state.id] = HttpConn(self, sock, state)
@@ -413,13 +409,6 @@ class WebHost(MovableSessions):
                 self.conns[state.vnc.id] = WebVncConn(self, sock, state, core)
         for conn in list(self.conns.values()):
             conn.start()
-
-    def abandon(self) -> None:
-        """The resume failed past the point of no return: the connections not served
-        yet end here, each with an RST."""
-        for item in [*self._incoming, *self._ready]:
-            tcprepair.reset(item[1])
-        self._incoming, self._ready = [], []
 
     # -- reporting and shutdown -------------------------------------------------------------
 
@@ -442,9 +431,8 @@ class WebHost(MovableSessions):
         frame, 1001 going away; dumped ones silently)."""
         self.serving = False
         self.acceptor.close()
-        incoming, self._incoming, self._ready = [*self._incoming, *self._ready], [], []
-        for item in incoming:
-            tcprepair.release(item[1])
+        for sock in self._unserved():
+            tcprepair.release(sock)
         for conn in list(self.conns.values()):
             if isinstance(conn, WebVncConn):
                 conn.close("Domain R shutting down", code=ws.GOING_AWAY)
