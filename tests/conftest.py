@@ -71,7 +71,7 @@ def lab_processes(name: str) -> list[int]:
             continue
         if b"keeper" in b" ".join(cmd) and any(
             arg == name.encode() or arg.startswith(f"{name}-".encode())
-            or f"/{name}/".encode() in arg for arg in cmd
+            or f"/{name}/".encode() in arg or arg.endswith(f"/{name}".encode()) for arg in cmd
         ) and procs.alive(int(proc.name)):
             found.append(int(proc.name))
     return found

@@ -18,7 +18,10 @@ network namespaces), the stand-in for Xen's inter-domain control channel:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import sys
 
 from keeper.arp.garp import DEFAULT_SCHEDULE
 from keeper.net import netns
@@ -26,6 +29,19 @@ from keeper.net import netns
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run a Domain R process (its host agent starts it)")
+    _run_arguments(p)
+    p.set_defaults(func=run)
+    s = sub.add_parser("spare", help="a spare Domain R: import everything, then wait for "
+                       "one line on stdin, {\"argv\": [run's arguments], \"log\": path}, "
+                       "and run as `run` would (its host agent starts it; "
+                       "keeper.hostd.spare)")
+    s.add_argument("--parent", type=int, default=0, help="the agent's PID: die with it")
+    s.add_argument("--nice", type=int, default=0, help="niceness while it waits")
+    s.add_argument("--rundir", help="its agent's run directory (names it in `ps`)")
+    s.set_defaults(func=spare)
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="the Domain R's (its guest's) name")
     p.add_argument("--ip", required=True, help="its own IP address (travels with it)")
     p.add_argument("--mac", required=True, help="its own MAC address (travels with it)")
@@ -45,7 +61,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="gratuitous ARP offsets in ms after resume (default %(default)s)")
     p.add_argument("--no-announce", action="store_true",
                    help="resume silently: no gratuitous ARP, no window probe (tests)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,3 +71,36 @@ def run(args: argparse.Namespace) -> int:
     from keeper.domr.service import serve
 
     return uvloop.run(serve(args))
+
+
+def spare(args: argparse.Namespace) -> int:
+    """Pay for the imports now; become a Domain R when the agent says which. No socket
+    is made and no thread enters a namespace before that: `run` enters its own."""
+    if args.nice:
+        os.nice(args.nice)
+    from keeper.domr.service import die_with_parent
+
+    die_with_parent(True)
+    if args.parent and os.getppid() != args.parent:
+        return 0  # the agent is already gone
+    import uvloop  # noqa: F401 (warming: what `run` imports)
+    from scapy.layers.l2 import ARP, Ether  # noqa: F401 (the announcer's, the slowest)
+
+    from keeper.domr import checkpoint
+
+    checkpoint.prepare_decode()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0  # the agent closed the pipe: not needed
+    order = json.loads(line)
+    fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    p = argparse.ArgumentParser(prog="keeper domr run")
+    _run_arguments(p)
+    run_args = p.parse_args(order["argv"])
+    if not run_args.restore:
+        die_with_parent(False)  # a serving Domain R outlives an agent restart, like a VM
+    return run(run_args)

@@ -102,7 +102,7 @@ def build_app(domr: DomainR) -> web.Application:
     @routes.post("/confirm")
     @guarded
     async def confirm(_: web.Request) -> web.StreamResponse:
-        _die_with_parent(False)  # the move is settled: outlive an agent restart, like a VM
+        die_with_parent(False)  # the move is settled: outlive an agent restart, like a VM
         return web.json_response({"phase": domr.phase.value, "confirmed": True})
 
     @routes.post("/hold")
@@ -123,7 +123,7 @@ def build_app(domr: DomainR) -> web.Application:
     return app
 
 
-def _die_with_parent(on: bool) -> None:
+def die_with_parent(on: bool) -> None:
     """An incoming Domain R (not yet serving) dies with the agent that started it:
     a target whose agent crashed mid-move must not linger with our IP and MAC."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -155,7 +155,7 @@ async def serve(args: argparse.Namespace) -> int:
                    announce_schedule=parse_schedule(args.announce_schedule), device=device,
                    ssh=ssh, display=display)
     if args.restore:
-        _die_with_parent(True)
+        die_with_parent(True)
         if os.getppid() != args.parent:
             return 1  # the agent is already gone
     domr.prepare_announcer()

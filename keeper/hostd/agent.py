@@ -30,6 +30,7 @@ from keeper.hostd.drills import Drills
 from keeper.hostd.guests import Guests
 from keeper.hostd.qemu_guests import QemuGuests
 from keeper.hostd.requests import CreateGuest
+from keeper.hostd.spare import Spare
 from keeper.http import Http
 from keeper.lab import sshkeys
 from keeper.lab.topology import HostSpec, LabSpec
@@ -66,7 +67,8 @@ class DomrEntry:
 
 
 class HostAgent:
-    def __init__(self, spec: LabSpec, host: str, *, may_write: bool = True) -> None:
+    def __init__(self, spec: LabSpec, host: str, *, may_write: bool = True,
+                 spare: bool = True) -> None:
         self.spec = spec
         self.host: HostSpec = spec.host(host)
         self.hv = Hypervisor(host, may_write=may_write)
@@ -82,6 +84,7 @@ class HostAgent:
         self.wire = ClientWire()  # client retransmissions on this host's wire
         self.metrics_url: str | None = None  # set by serve() once /metrics listens
         self.place = spec.place_on(host)
+        self.spare = Spare(spec.rundir, host, enabled=spare)  # started by serve()
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class HostAgent:
             ns = await asyncio.to_thread(placement.place, self.place, name, ip, mac,
                                          link_up=not restore)
         path = self.spec.domr_control(name, self.host.name)
-        argv = ["domr", "run", "--name", name, "--ip", ip, "--mac", mac, "--netns", ns,
+        argv = ["--name", name, "--ip", ip, "--mac", mac, "--netns", ns,
                 "--control", str(path)]
         if restore:
             argv += ["--restore", "--parent", str(os.getpid())]
@@ -152,7 +155,8 @@ class HostAgent:
             argv += ["--ssh-host-key", str(sshkeys.host_key(self.spec, name)),
                      "--ssh-authorized-keys", str(self.spec.ssh_dir / "authorized_keys")]
         path.unlink(missing_ok=True)
-        proc = procs.spawn(self.spec.rundir, self.label(name), argv)
+        proc = (self.spare.take(self.label(name), argv)
+                or procs.spawn(self.spec.rundir, self.label(name), ["domr", "run", *argv]))
         entry = DomrEntry(name, ip, mac, ns, Http(unix=str(path), timeout=10), proc,
                           announce=announce, announce_schedule=announce_schedule,
                           r_domid=r_domid, hc=hc, devices=devices, baseline=baseline)
@@ -175,7 +179,7 @@ class HostAgent:
                 with contextlib.suppress(KeeperError):
                     await entry.control.call("GET", "/status", timeout=2)
                     return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         raise KeeperError(f"Domain R {entry.name} not ready after {READY_TIMEOUT:.0f} s")
 
     async def forget_domr(self, name: str) -> None:
@@ -227,7 +231,7 @@ class HostAgent:
                    "mem_bytes": g.u.pages * 4096, "pid": g.proc.pid if g.proc else None}
                   for g in self.guests.entries.values()] + self.qemu.status()
         return {"host": self.host.name, "mgmt_ip": self.host.mgmt_ip, "netns": self.host.ns,
-                "metrics_url": self.metrics_url,
+                "metrics_url": self.metrics_url, "spare_domr": self.spare.status(),
                 "moves": self.moves, "may_write": self.hv.may_write_enabled,
                 "domrs": doms, "guests": guests, "servers": self.qemu.servers()}
 
@@ -323,4 +327,5 @@ class HostAgent:
         for entry in self.domrs.values():
             await entry.control.close()
         await self.qemu.close()  # a VM dies with its agent (and would anyway: PDEATHSIG)
+        await self.spare.close()
         await self.wire.close()

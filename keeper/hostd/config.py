@@ -67,6 +67,7 @@ class HostConfig:
     netns: str | None = None  # a named namespace to run in; None: where it was started
     authorized_keys: Path | None = None
     may_write: bool = True
+    spare_domr: bool = True  # keep a spare Domain R started ahead (keeper.hostd.spare)
     metrics_tls: bool = False
     metrics_htpasswd: Path | None = None
     metrics_allow: tuple[str, ...] = ()  # networks that may scrape; () the management one
@@ -109,7 +110,7 @@ class SiteSpec(LabSpec):
 # -- reading the file ----------------------------------------------------------------
 
 _KEYS = {"name", "management_address", "bridge", "run_dir", "namespace_prefix", "netns",
-         "metrics_listen", "may_write", "pki", "ssh", "peers", "metrics"}
+         "metrics_listen", "may_write", "spare_domr", "pki", "ssh", "peers", "metrics"}
 _TABLES = {"pki": {"dir"}, "ssh": {"authorized_keys"},
            "metrics": {"tls", "htpasswd", "allow"}}
 
@@ -233,6 +234,9 @@ def parse(doc: dict[str, Any], path: Path) -> HostConfig:
     may_write = get("may_write", True)
     if not isinstance(may_write, bool):
         raise bad("may_write", f"want true or false, got {may_write!r}")
+    spare = get("spare_domr", True)
+    if not isinstance(spare, bool):
+        raise bad("spare_domr", f"want true or false, got {spare!r}")
 
     pki_dir = abspath("pki.dir", "/etc/keeper/pki")
     problem = tls.host_problem(pki_dir, name, address)
@@ -248,7 +252,7 @@ def parse(doc: dict[str, Any], path: Path) -> HostConfig:
     return HostConfig(path=path, name=name, address=address, prefixlen=net.prefixlen,
                       bridge=bridge, run_dir=abspath("run_dir", str(DEFAULT_RUN_DIR)),
                       prefix=prefix, pki_dir=pki_dir, metrics_listen=metrics, peers=peers,
-                      netns=ns, authorized_keys=keys, may_write=may_write,
+                      netns=ns, authorized_keys=keys, may_write=may_write, spare_domr=spare,
                       metrics_tls=m_tls, metrics_htpasswd=htpasswd, metrics_allow=tuple(allow))
 
 

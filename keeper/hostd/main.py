@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--host", help="the lab host to run, without --config")
     p.add_argument("--no-may-write", action="store_true",
                    help="turn off D-MORE's may-write extension to log-dirty (ablation)")
+    p.add_argument("--no-spare", action="store_true",
+                   help="keep no spare Domain R started ahead: each twin starts cold "
+                   "(about a second more per migration; saves ~100 MiB)")
     p.add_argument("--check", action="store_true",
                    help="with --config: check the file and the host's network, print what "
                    "would run, and exit (0 if good, 2 if not)")
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             return CONFIG_ERROR
         spec: LabSpec = topology.load(args.lab)
         netns.enter(spec.host(args.host).ns)  # first, before any thread exists
-        return _serve(spec, args.host, may_write=not args.no_may_write)
+        return _serve(spec, args.host, may_write=not args.no_may_write,
+                      spare=not args.no_spare)
 
     from keeper.hostd import config
 
@@ -93,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
                             tls=cfg.metrics_tls, htpasswd=cfg.metrics_htpasswd,
                             allow=cfg.metrics_allow)
     return _serve(spec, cfg.name, may_write=cfg.may_write and not args.no_may_write,
-                  metrics=metrics)
+                  metrics=metrics, spare=cfg.spare_domr and not args.no_spare)
 
 
-def _serve(spec: LabSpec, host: str, *, may_write: bool, metrics: Any = None) -> int:
+def _serve(spec: LabSpec, host: str, *, may_write: bool, metrics: Any = None,
+           spare: bool = True) -> int:
     import uvloop
 
     from keeper.hostd.serve import serve
 
     logging.getLogger().setLevel(logging.INFO)
-    return uvloop.run(serve(spec, host, may_write=may_write, metrics=metrics))
+    return uvloop.run(serve(spec, host, may_write=may_write, metrics=metrics, spare=spare))

@@ -39,15 +39,16 @@ def is_ours(pid: int) -> bool:
     return b"keeper" in cmdline
 
 
-def spawn(rundir: Path, label: str, argv: list[str],
-          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """Start `python -m keeper ARGV...` detached, logging to <rundir>/<label>.log."""
+def spawn(rundir: Path, label: str, argv: list[str], pass_fds: tuple[int, ...] = (),
+          stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """Start `python -m keeper ARGV...` detached, logging to <rundir>/<label>.log
+    (`stdin`: subprocess.PIPE for a spare Domain R, keeper.hostd.spare)."""
     rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
     logf = open(rundir / f"{label}.log", "ab")  # noqa: SIM115 (handed to the child)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "keeper", *argv],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+            stdin=stdin, stdout=logf, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, pass_fds=pass_fds,
         )
     finally:

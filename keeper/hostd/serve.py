@@ -25,10 +25,11 @@ log = logging.getLogger("keeper.hostd")
 
 
 async def serve(spec: LabSpec, host: str, *, may_write: bool = True,
-                metrics: MetricsConfig | None = None) -> int:
+                metrics: MetricsConfig | None = None, spare: bool = True) -> int:
     """`metrics`: how /metrics is served (default: a lab's `metrics.json`, else plain
-    HTTP on the management address, port 9464, the management subnet only)."""
-    agent = HostAgent(spec, host, may_write=may_write)
+    HTTP on the management address, port 9464, the management subnet only). `spare`:
+    keep a spare Domain R started ahead (keeper.hostd.spare)."""
+    agent = HostAgent(spec, host, may_write=may_write, spare=spare)
     if metrics is None:
         metrics = MetricsConfig.for_lab(spec.rundir)
     peer_app = web.Application(client_max_size=1 << 30)  # checkpoints can be large
@@ -51,6 +52,7 @@ async def serve(spec: LabSpec, host: str, *, may_write: bool = True,
         prefixlen=getattr(spec, "prefixlen", PREFIXLEN), pki=spec.pki, host=host)
     if served is not None:
         agent.metrics_url = served[1]
+    agent.spare.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
