@@ -47,7 +47,12 @@ async def against_u_alone(mem_mb: int, runs: int) -> dict[str, list[float]]:
     """One lab: a keeper guest and a guest alone (baseline), same memory and dirty
     rate, migrated in turn (the same load for both); then the keeper guest again with
     a console typist. Milliseconds per migration."""
-    out: dict[str, list[float]] = {"co": [], "alone": [], "co_typing": []}
+    out: dict[str, list[float]] = {"co": [], "alone": [], "co_typing": [], "co_precopy": [],
+                                   "alone_precopy": [], "co_window": [], "alone_window": []}
+
+    def span(trace: dict[str, Any], a: str, b: str) -> float:
+        return round((at(trace, b) - at(trace, a)) * 1e3, 3)
+
     async with lab("mo") as spec:
         doc = await ops.create_guest(spec, GUEST, "a", mem_mb=mem_mb, dirty_rate=2000)
         await ops.create_guest(spec, ALONE, "a", mem_mb=mem_mb, dirty_rate=2000,
@@ -55,10 +60,17 @@ async def against_u_alone(mem_mb: int, runs: int) -> dict[str, list[float]]:
         where = "a"
         for _ in range(runs):
             where = "b" if where == "a" else "a"
-            out["co"].append((await ops.migrate(spec, GUEST, where))["total_ms"])
+            trace = await ops.migrate(spec, GUEST, where)
+            out["co"].append(trace["total_ms"])
+            # where the time goes: until the pair stops (the pre-copy, and the twin
+            # being ready), and the stop window, from R's stop to R serving on B
+            out["co_precopy"].append(span(trace, "start", "R stopped"))
+            out["co_window"].append(span(trace, "R stopped", "R resumed"))
             await asyncio.sleep(0.5)
             trace = await ops.migrate(spec, ALONE, where)
-            out["alone"].append(round((at(trace, "U resumed") - at(trace, "start")) * 1e3, 3))
+            out["alone"].append(span(trace, "start", "U resumed"))
+            out["alone_precopy"].append(span(trace, "start", "U stopped"))
+            out["alone_window"].append(span(trace, "U stopped", "U resumed"))
             await asyncio.sleep(0.5)
         stop = asyncio.Event()
         t = await Typist.over_tcp(spec.client_ns, (doc["ip"], 2323), b"guest1:~$ ")
@@ -95,12 +107,13 @@ async def independent(mem_mb: int, runs: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="256,512,1024")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", action="store_true", help="end with one JSON summary line")
     args = p.parse_args(argv)
     need_root("bench/migration_time.py")
     rows: list[dict[str, Any]] = []
     overhead: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
     for mem in [int(x) for x in args.sizes.split(",")]:
         print(f"{mem} MiB co-migration against Domain U alone, then typed ...", file=sys.stderr)
         same = asyncio.run(against_u_alone(mem, args.runs))
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                          "median_ms": statistics.median(same[key])})
         overhead[str(mem)] = round(statistics.median(same["co"])
                                    / statistics.median(same["alone"]), 4)
+        phases[str(mem)] = {k: round(statistics.median(same[k]), 3) for k in
+                            ("co_precopy", "alone_precopy", "co_window", "alone_window")}
         print(f"{mem} MiB independent ...", file=sys.stderr)
         samples = asyncio.run(independent(mem, args.runs))
         rows.append({"mem_mb": mem, "kind": "independent", "ms": samples,
@@ -124,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     ratio = round(statistics.median(overhead.values()), 4)
     print(f"\noverhead_ratio (co-migration / Domain U alone, median over sizes): {ratio:.3f}"
           " (goal <= 1.05, printed, not asserted)")
+    print("where it goes (medians): until the stop (pre-copy; the twin ready), co / alone;"
+          " the stop window (R stopped -> R serves on B / U stopped -> U runs on B)")
+    for mem, ph in phases.items():
+        print(f"{mem:>6s} MiB  {ph['co_precopy']:7.0f} / {ph['alone_precopy']:7.0f} ms"
+              f"   {ph['co_window']:6.1f} / {ph['alone_window']:6.1f} ms")
     path = save("migration_time", {"args": vars(args), "rows": rows,
-                                   "overhead_ratio": ratio, "overhead_by_size": overhead})
+                                   "overhead_ratio": ratio, "overhead_by_size": overhead,
+                                   "phases_ms": phases})
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for kind in ("co-migration", "U alone", "co-migration typing", "independent"):
@@ -141,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps({"bench": "migration_time", "runs": args.runs,
                           "overhead_ratio": ratio, "overhead_by_size": overhead,
-                          "goal_ratio": 1.05, "co_migration_ms": med("co-migration"),
+                          "goal_ratio": 1.05, "phases_ms": phases,
+                          "co_migration_ms": med("co-migration"),
                           "u_alone_ms": med("U alone"),
                           "co_migration_typing_ms": med("co-migration typing"),
                           "independent_ms": med("independent")}))

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from keeper.errors import BadRequest, KeeperError
@@ -68,14 +68,22 @@ class AgentTarget:
 
     # -- Domain U ------------------------------------------------------------------------
 
-    def _lock(self, name: str) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str, only: str = "") -> AsyncIterator[None]:
         """Making and cancelling a half-made domain are serialised: a cancel that
         overtakes its create (the source gave up mid-call) waits for it, then
-        removes what it made."""
-        return self.agent.lock(f"incoming:{name}")
+        removes what it made. Each create takes only its own domain's lock (`only`
+        "u" or "r"), so that the twin Domain R and the incoming U are made at once;
+        everything else takes both (U's first), so that resuming, settling and
+        cancelling the pair stay ordered against each other."""
+        async with contextlib.AsyncExitStack() as stack:
+            for kind in ("u", "r"):
+                if only in ("", kind):
+                    await stack.enter_async_context(self.agent.lock(f"incoming-{kind}:{name}"))
+            yield
 
     async def incoming_guest(self, req: IncomingGuest) -> dict[str, Any]:
-        async with self._lock(req.name):
+        async with self._lock(req.name, only="u"):
             return await self._incoming_guest(req)
 
     async def _incoming_guest(self, req: IncomingGuest) -> dict[str, Any]:
@@ -235,7 +243,7 @@ class AgentTarget:
     # -- Domain R ------------------------------------------------------------------------
 
     async def prepare_domr(self, req: PrepareDomr) -> dict[str, Any]:
-        async with self._lock(req.name):
+        async with self._lock(req.name, only="r"):
             return await self._prepare_domr(req)
 
     async def _prepare_domr(self, req: PrepareDomr) -> dict[str, Any]:

@@ -63,6 +63,11 @@ def test_migration_time_gives_the_overhead_ratio(tmp_path: Path) -> None:
     assert summary["overhead_ratio"] == summary["overhead_by_size"]["64"] > 0
     for key in ("co_migration_ms", "u_alone_ms", "co_migration_typing_ms", "independent_ms"):
         assert summary[key]["64"] > 0
+    phases = summary["phases_ms"]["64"]
+    assert set(phases) == {"co_precopy", "alone_precopy", "co_window", "alone_window"}
+    assert all(v > 0 for v in phases.values())
+    # a co-migration is its pre-copy, then its stop window (and nothing else of note)
+    assert phases["co_precopy"] + phases["co_window"] <= summary["co_migration_ms"]["64"] + 1
     assert "overhead_ratio" in done.stdout
 
 
