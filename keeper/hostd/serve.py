@@ -38,13 +38,6 @@ async def serve(spec: LabSpec, host: str, *, may_write: bool = True,
     peer = web.AppRunner(peer_app, access_log=None)
     await local.setup()
     await peer.setup()
-    sock_path = spec.agent_socket(host)
-    sock_path.unlink(missing_ok=True)
-    old = os.umask(0o077)  # root's alone
-    try:
-        await web.UnixSite(local, str(sock_path)).start()
-    finally:
-        os.umask(old)
     await web.TCPSite(peer, agent.host.mgmt_ip, AGENT_PORT,
                       ssl_context=tls.server_context(spec.pki, host)).start()
     served = await metrics_http.start(
@@ -52,6 +45,14 @@ async def serve(spec: LabSpec, host: str, *, may_write: bool = True,
         prefixlen=getattr(spec, "prefixlen", PREFIXLEN), pki=spec.pki, host=host)
     if served is not None:
         agent.metrics_url = served[1]
+    # the control socket last: an agent that answers on it serves all the rest
+    sock_path = spec.agent_socket(host)
+    sock_path.unlink(missing_ok=True)
+    old = os.umask(0o077)  # root's alone
+    try:
+        await web.UnixSite(local, str(sock_path)).start()
+    finally:
+        os.umask(old)
     agent.spare.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
