@@ -27,6 +27,7 @@ import selectors
 import socket
 import time
 
+from keeper.domu.display import warm_glyphs
 from keeper.domu.guestos import GuestOS
 from keeper.domu.memory import GuestMemory
 from keeper.errors import KeeperError
@@ -56,8 +57,10 @@ class Guest:
         self.dirty_rate = args.dirty_rate
         self.exit_now = False
         if args.resume:
-            # Started ahead of time on the target: wait until the memory is all here.
+            # Started ahead of time on the target: wait until the memory is all here,
+            # meanwhile warming what this process derives from it (the font's cells)
             self.ctl.sendall(b"w")
+            warm_glyphs()
             if self.ctl.recv(1) != b"G":
                 self.exit_now = True
                 return

@@ -77,3 +77,17 @@ def test_screensaver_redraws_everything_until_a_key() -> None:
     press(m, g, " ")
     assert not g.display.saver_on
     assert len(g.display.text()[0]) <= COLS
+
+
+def test_a_target_guest_process_warms_every_printable_glyph() -> None:
+    """keeper domu run --resume renders the font's cells while it waits for `go`, so
+    its first rows on the target cost no more than later ones."""
+    from keeper.domu import display
+
+    display.glyph.cache_clear()
+    display.warm_glyphs()
+    assert display.glyph.cache_info().currsize == 127 - 32
+    before = display.glyph.cache_info().misses
+    for ch in b"guest1:~$ echo hello":
+        display.glyph(ch)
+    assert display.glyph.cache_info().misses == before  # nothing left to render
