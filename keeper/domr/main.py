@@ -64,7 +64,10 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    netns.enter(args.netns)  # first, before any thread exists
+    # First: setns moves only this thread, and every thread it starts from here on
+    # (the loop's workers) is born in the namespace. A spare's idle numpy threads,
+    # started by its imports, stay outside and never touch the network.
+    netns.enter(args.netns)
     logging.getLogger().setLevel(logging.INFO)
     import uvloop
 
