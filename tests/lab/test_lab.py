@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,18 @@ def keeper(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
+def waiting_spares(name: str, timeout: float = 30.0) -> set[int]:
+    """The pids of the agents' spare Domain Rs, once every agent has one waiting (an
+    agent starts the next a few seconds after one is taken)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = json.loads(keeper("lab", "status", "--lab", name, "--json").stdout)
+        pids = {h["spare_domr"]["pid"] for h in status["hosts"]}
+        if None not in pids or time.monotonic() > deadline:
+            return {p for p in pids if p is not None}
+        time.sleep(0.5)
+
+
 def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
     name = unique()
     try:
@@ -29,8 +42,12 @@ def test_up_is_idempotent_status_tells_where_down_removes_everything() -> None:
         assert again.returncode == 0, again.stderr
         made = sorted(ns for ns in netns.netns.listnetns() if ns.startswith(f"{name}-"))
         assert made == sorted(f"{name}-{x}" for x in ("a", "b", "client", "sw", "r-guest1-a"))
-        # one agent per host, guest1's Domain U and Domain R: nothing started twice
-        assert len(lab_processes(name)) == 4
+        # one agent per host, guest1's Domain U and Domain R, and each agent's one
+        # spare Domain R (keeper.hostd.spare): nothing started twice
+        spares = waiting_spares(name)
+        assert len(spares) == 2
+        procs = set(lab_processes(name))
+        assert spares <= procs and len(procs - spares) == 4
 
         created = keeper("domr", "create", "r1", "--host", "b", "--lab", name)
         assert created.returncode == 0, created.stderr
