@@ -150,6 +150,8 @@ def host_a_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
      "brige", "unknown field"),
     ({"name": "a", "management_address": "198.18.0.1/24", "may_write": "yes"},
      "may_write", "true or false"),
+    ({"name": "a", "management_address": "198.18.0.1/24", "spare_domr": 1},
+     "spare_domr", "true or false"),
     ({"name": "a", "management_address": "198.18.0.1/24", "netns": "keeper-no-such-ns"},
      "netns", "no network namespace"),
     ({"name": "a", "management_address": "198.18.0.1/24",
