@@ -35,7 +35,7 @@ from keeper.http import Http
 from keeper.lab import sshkeys
 from keeper.lab.topology import HostSpec, LabSpec
 from keeper.migrate.peer import PeerClient
-from keeper.net import placement
+from keeper.net import netns, placement
 from keeper.qemu.devices import DeviceServer
 from keeper.qemu.machine import TcpConsoles
 from keeper.vmm.hypercall import HypercallServer
@@ -84,6 +84,7 @@ class HostAgent:
         self.wire = ClientWire()  # client retransmissions on this host's wire
         self.metrics_url: str | None = None  # set by serve() once /metrics listens
         self.place = spec.place_on(host)
+        self.links = netns.LinkSwitch(self.place.ns)
         self.spare = Spare(spec.rundir, host, enabled=spare)  # started by serve()
 
     # -- bookkeeping ------------------------------------------------------------
@@ -105,8 +106,13 @@ class HostAgent:
         return self._peers[host]
 
     async def set_link(self, name: str, *, up: bool) -> None:
-        # netlink runs in a worker thread: pyroute2's sync API needs a loop of its own
-        await asyncio.to_thread(placement.set_link, self.place, name, up)
+        """Domain R `name`'s port on this host's bridge, up or down: on a move's
+        critical path (the stop, the resume), hence one netlink socket kept open.
+        Up returns once Domain R's own end can send (netns.LinkSwitch)."""
+        peer = (self.place.domr_ns(name), placement.IFACE) if up else None
+        if not await self.links.set(placement.host_port(name), up, peer=peer):
+            log.warning("Domain R %s: its link was not up %.1f s after we set it up",
+                        name, self.links.PEER_TIMEOUT)
 
     def label(self, name: str) -> str:
         return f"domr-{name}-{self.host.name}"
@@ -329,3 +335,4 @@ class HostAgent:
         await self.qemu.close()  # a VM dies with its agent (and would anyway: PDEATHSIG)
         await self.spare.close()
         await self.wire.close()
+        self.links.close()

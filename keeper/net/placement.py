@@ -40,16 +40,19 @@ class Host:
         return f"{self.prefix}-r-{dom}-{self.name}"
 
 
+IFACE = "eth0"  # Domain R's end of its veth, in its namespace
+
+
 def place(host: Host, dom: str, ip: str, mac: str, *, link_up: bool) -> str:
     """Create Domain R `dom`'s namespace on `host` with `ip`/`mac` (idempotent)."""
     check_name(dom)
     ns = host.domr_ns(dom)
     netns.ensure(ns)
     port = host_port(dom)
-    netns.ensure_veth(host.ns, port, ns, "eth0", mac_b=mac)
+    netns.ensure_veth(host.ns, port, ns, IFACE, mac_b=mac)
     netns.enslave(host.ns, port, host.bridge)
-    netns.set_up(ns, "eth0")
-    netns.ensure_addr(ns, "eth0", ip, host.prefixlen)
+    netns.set_up(ns, IFACE)
+    netns.ensure_addr(ns, IFACE, ip, host.prefixlen)
     set_link(host, dom, link_up)
     return ns
 
