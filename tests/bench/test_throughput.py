@@ -1,7 +1,8 @@
 """bench/throughput.py --json at the smallest scale: one JSON line with issue #13's
-ratios (each a number or null with its reason) and a row per encoding and path. Only
-the structure is checked, not the timing. Also the guest's `screensaver uncapped`
-that the bench drives (no root)."""
+ratios (each a number or null with its reason) and a row per encoding and path; with
+QEMU installed, the QEMU guest's rows (keeper against QEMU's own VNC server) and
+their ratio. Only the structure is checked, not the timing. Also the guest's
+`screensaver uncapped` that the bench drives (no root)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from keeper import demo
 from keeper.domu.guestos import GuestOS
 from keeper.domu.memory import GuestMemory
 from keeper.xen import events as ev
@@ -50,13 +52,27 @@ def test_throughput_ends_with_one_json_line(tmp_path: Path) -> None:
     for path in ("domain_r_path", "whole_path"):
         assert (isinstance(ssh[path], float) and ssh[path] > 0) or (
             ssh[path] is None and ssh[f"{path}_why_null"])
-    assert set(doc["vnc_updates_per_s"]) == {"raw", "hextile", "zrle"}
-    assert doc["vnc_ratio_vs_qemu"] is None and doc["vnc_ratio_vs_qemu_why_null"]
-    vnc = [(r["mode"], r["encoding"]) for r in doc["rows"] if r["what"] == "vnc"]
-    assert vnc == [(m, e) for m in ("keeper", "baseline") for e in ("raw", "hextile", "zrle")]
+    encodings = ("raw", "hextile", "zrle")
+    assert set(doc["vnc_updates_per_s"]) == set(encodings)
+    sim = [r for r in doc["rows"] if r["what"] == "vnc" and r["guest"] == "sim"]
+    assert [(r["mode"], r["encoding"]) for r in sim] == [
+        (m, e) for m in ("keeper", "baseline") for e in encodings]
     # every encoding delivered whole 800x600 screens to the client
     assert all(r["frames_per_s"] > 0 and r["full_screens_per_s"] == r["frames_per_s"]
-               for r in doc["rows"] if r["what"] == "vnc")
+               for r in sim)
+    qemu = [r for r in doc["rows"] if r["what"] == "vnc" and r["guest"] == "qemu"]
+    if demo.qemu_available():  # setup installs QEMU and the image: the ratio is measured
+        assert [(r["mode"], r["encoding"]) for r in qemu] == [
+            (m, e) for m in ("keeper", "baseline") for e in encodings]
+        # the VGA text console, changing as a whole: both servers sent updates of it
+        assert all(r["screen"] == "720x400" and r["frames_per_s"] > 0
+                   and r["full_screens_per_s"] > 0 for r in qemu)
+        ratio = doc["vnc_ratio_vs_qemu"]
+        assert set(ratio) == set(encodings) and all(v > 0 for v in ratio.values())
+        assert set(doc["vnc_updates_per_s_qemu"]) == {"keeper", "qemu_vnc_server"}
+    else:
+        assert qemu == []
+        assert doc["vnc_ratio_vs_qemu"] is None and doc["vnc_ratio_vs_qemu_why_null"]
     ssh_rows = {r["mode"]: r for r in doc["rows"] if r["what"] == "ssh"}
     assert {"keeper", "baseline", "domain-r-fed"} <= set(ssh_rows)
     if Path("/usr/sbin/sshd").exists():  # setup installs it: both ratios are measured
