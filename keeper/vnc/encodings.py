@@ -199,11 +199,17 @@ class _TileStats:
         return cls(new.sum(axis=1), ordered[np.arange(n), first])
 
 
+def _colour_counts(tiles: np.ndarray) -> np.ndarray:
+    """Per tile (a row of `tiles`), its number of colours: `_TileStats.colours` alone."""
+    ordered = np.sort(tiles, axis=1)
+    return 1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1)
+
+
 _TILE_SOLID, _TILE_RAW = 1, 2
 
 
 def _hextile_kinds(values: np.ndarray, runs: _Runs,
-                   bpp: int) -> tuple[np.ndarray, _TileStats | None]:
+                   bpp: int) -> tuple[np.ndarray, _TileStats | None, _MonoTiles | None]:
     """Per tile (rows, cols of tiles): solid, raw whatever is carried over, or 0 (the
     tile's own encoder decides, given the whole tiles' stats, also returned). Array
     operations over every whole tile at once: a screen of photos or gradients is raw
@@ -213,7 +219,7 @@ def _hextile_kinds(values: np.ndarray, runs: _Runs,
     kinds = np.zeros((-(-height // 16), -(-width // 16)), dtype=np.int8)
     ny, nx = height // 16, width // 16
     if not ny or not nx:
-        return kinds, None
+        return kinds, None, None
     tiles = _tiles(values, 16)
     stats = _TileStats.of(tiles)
     fresh = _tiles(runs.start & ~runs.continues, 16)  # subrectangles' top-left corners
@@ -223,7 +229,57 @@ def _hextile_kinds(values: np.ndarray, runs: _Runs,
     raw = (stats.colours > 1) & ((subrects > 255) | (least >= 256 * bpp))
     kinds[:ny, :nx] = np.where(stats.colours == 1, _TILE_SOLID,
                                np.where(raw, _TILE_RAW, 0)).reshape(ny, nx)
-    return kinds, stats
+    mono = None
+    if np.any((stats.colours == 2) & ~raw):
+        mono = _MonoTiles.of(values, runs, stats, tiles, ny, nx)
+    return kinds, stats, mono
+
+
+@dataclass(slots=True)
+class _MonoTiles:
+    """Every whole two-colour tile's subrectangles, found at once: what `_hextile_tile`
+    would write for them, as one byte string in tile order (per tile `count` pairs
+    from `offset`), and each tile's colour that is not its background. Text is such
+    tiles nearly everywhere (a VGA text console: all of them), and a Python loop per
+    subrectangle cost 80 ms a 720x400 screen."""
+
+    count: np.ndarray  # (tiles,) subrectangles
+    offset: np.ndarray  # (tiles + 1,) into `pairs`, in bytes
+    pairs: bytes  # (x << 4 | y, (w - 1) << 4 | h - 1) per subrectangle
+    other: np.ndarray  # (tiles,) the foreground colour
+
+    @classmethod
+    def of(cls, values: np.ndarray, runs: _Runs, stats: _TileStats, tiles: np.ndarray,
+           ny: int, nx: int) -> _MonoTiles:
+        height, width = ny * 16, nx * 16
+
+        def per_pixel(a: np.ndarray) -> np.ndarray:
+            return np.repeat(np.repeat(a.reshape(ny, nx), 16, 0), 16, 1)
+
+        cont = runs.continues[:height, :width]
+        starts = (runs.start[:height, :width] & ~cont
+                  & (values[:height, :width] != per_pixel(stats.commonest))
+                  & per_pixel(stats.colours == 2))
+        # a subrectangle's height: 1 + the `continues` below it, within its tile
+        # (`continues` is False on every tile's top row)
+        below = np.zeros((ny, 16, width), dtype=np.int16)
+        c3 = cont.reshape(ny, 16, width)
+        for r in range(14, -1, -1):
+            below[:, r] = np.where(c3[:, r + 1], below[:, r + 1] + 1, 0)
+        ys, xs = np.nonzero(starts)  # row-major: within a tile too, once grouped
+        tile = (ys >> 4) * nx + (xs >> 4)
+        order = np.argsort(tile, kind="stable")
+        ys, xs, tile = ys[order], xs[order], tile[order]
+        w = runs.run_end[ys, xs] - xs + 1  # runs stop at tile borders
+        h = below.reshape(height, width)[ys, xs] + 1
+        pairs = np.empty((ys.size, 2), dtype=np.uint8)
+        pairs[:, 0] = ((xs & 15) << 4) | (ys & 15)
+        pairs[:, 1] = ((w - 1) << 4) | (h - 1)
+        count = np.bincount(tile, minlength=ny * nx)
+        offset = np.zeros(ny * nx + 1, dtype=np.int64)
+        np.cumsum(count * 2, out=offset[1:])
+        hi, lo = tiles.max(axis=1), tiles.min(axis=1)
+        return cls(count, offset, pairs.tobytes(), np.where(hi == stats.commonest, lo, hi))
 
 
 def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
@@ -233,10 +289,17 @@ def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
     height, width = values.shape
     bpp = fmt.bytes_per_pixel
     runs = _Runs.of(values)
-    kinds, stats = _hextile_kinds(values, runs, bpp)
+    kinds, stats, mono = _hextile_kinds(values, runs, bpp)
     whole_x = width // 16  # tiles a row of whole tiles has
     wire = np.frombuffer(values_to_bytes(values, fmt), dtype=np.uint8).reshape(
         height, width * bpp)
+    pixel: dict[int, bytes] = {}  # a colour's bytes on the wire
+
+    def colour_bytes(value: int) -> bytes:
+        if value not in pixel:
+            pixel[value] = values_to_bytes(np.array([value], dtype=values.dtype), fmt)
+        return pixel[value]
+
     out = bytearray()
     bg: int | None = None  # carried background, if valid
     fg: int | None = None  # carried foreground, if valid
@@ -257,6 +320,26 @@ def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
             if stats is not None and ty + 16 <= height and tx + 16 <= width:
                 i = ty // 16 * whole_x + tx // 16
                 known = (int(stats.colours[i]), int(stats.commonest[i]))
+                if mono is not None and kind == 0 and known[0] == 2:
+                    # what _hextile_tile writes for a two-colour tile, found beforehand
+                    tile_bg, colour, n = known[1], int(mono.other[i]), int(mono.count[i])
+                    size = 1 + 2 * n + (bpp if tile_bg != bg else 0) + (
+                        bpp if colour != fg else 0)
+                    if n <= 255 and size < 256 * bpp:
+                        mask = _HT_ANY_SUBRECTS
+                        head = bytearray()
+                        if tile_bg != bg:
+                            mask |= _HT_BACKGROUND
+                            head += colour_bytes(tile_bg)
+                        if colour != fg:
+                            mask |= _HT_FOREGROUND
+                            head += colour_bytes(colour)
+                        out.append(mask)
+                        out += head
+                        out.append(n)
+                        out += mono.pairs[mono.offset[i]:mono.offset[i + 1]]
+                        bg, fg = tile_bg, colour
+                        continue
             coded = None if kind == _TILE_RAW else _hextile_tile(values, runs, tx, ty, fmt,
                                                                  bg, fg, known)
             if coded is None:
@@ -334,6 +417,11 @@ def _run_length_bytes(lengths: np.ndarray) -> np.ndarray:
     return (lengths - 1) // 255 + 1
 
 
+def _two_colours(flat: np.ndarray) -> bool:
+    lo, hi = flat.min(), flat.max()
+    return bool(lo != hi and np.all((flat == lo) | (flat == hi)))
+
+
 def _zrle_tile(tile: np.ndarray, fmt: PixelFormat, cp: int, colours: int = 0) -> bytes:
     """One ZRLE tile: the cheapest of solid, packed palette, raw, plain RLE, palette RLE.
     `colours`, if known (`_TileStats`), spares the palette's sort where no palette
@@ -346,6 +434,12 @@ def _zrle_tile(tile: np.ndarray, fmt: PixelFormat, cp: int, colours: int = 0) ->
     if colours > 127:
         palette = inverse = flat[:0]
         k = colours
+    elif colours in (0, 2) and _two_colours(flat):
+        # text: np.unique's sort per tile was most of a text screen's encoding time;
+        # the same palette (ascending) and indexes, without it
+        lo, hi = flat.min(), flat.max()
+        palette, inverse = np.array([lo, hi], dtype=flat.dtype), (flat == hi).astype(np.intp)
+        k = 2
     else:
         palette, inverse = np.unique(flat, return_inverse=True)
         k = palette.size
@@ -399,7 +493,7 @@ def zrle_data(values: np.ndarray, fmt: PixelFormat) -> bytes:
     colours = np.zeros((-(-height // 64), -(-width // 64)), dtype=np.int64)
     ny, nx = height // 64, width // 64
     if ny and nx:  # the whole tiles' colour counts, in one sort
-        colours[:ny, :nx] = _TileStats.of(_tiles(values, 64)).colours.reshape(ny, nx)
+        colours[:ny, :nx] = _colour_counts(_tiles(values, 64)).reshape(ny, nx)
     return b"".join(
         _zrle_tile(values[ty:ty + 64, tx:tx + 64], fmt, cp, int(colours[ty // 64, tx // 64]))
         for ty in range(0, height, 64)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from keeper.vnc import encodings as enc
 from keeper.vnc import rfb
 from keeper.vnc.framebuffer import MemoryFramebuffer
-from keeper.vnc.pixels import PixelFormat, values_to_bytes
+from keeper.vnc.pixels import PixelFormat, cpixel_layout, values_to_bytes
 from keeper.vnc.rfb import CopyRect, Phase, Rect, ResizeUnsupported, RfbError, UpdateRequest
 from tests.vnc.decoder import ClientScreen, Format, Reader, expected_values
 from tests.vnc.formats import FORMATS
@@ -366,5 +366,39 @@ def test_tile_pre_pass_changes_no_byte(fmt: PixelFormat) -> None:
             np.repeat(np.repeat(palette[pick], blocks, 0), blocks, 1)[:h, :w])
         assert enc.encode_hextile(values, fmt) == _hextile_tile_by_tile(values, fmt)
         colours = enc._TileStats.of(enc._tiles(values, 64)).colours
+        assert np.array_equal(enc._colour_counts(enc._tiles(values, 64)), colours)
         for i, tile in enumerate(enc._tiles(values, 64)):
             assert colours[i] == np.unique(tile).size
+
+
+def _text_screen(rng: np.random.Generator, h: int, w: int, fg: int, bg: int) -> np.ndarray:
+    """A text console's look: 9x16 cells of random glyph-like bitmaps, two colours."""
+    glyphs = rng.random((64, 16, 9)) < 0.3
+    glyphs[:, :2] = glyphs[:, 14:] = False  # line spacing
+    cells = rng.integers(0, 64, (-(-h // 16), -(-w // 9)))
+    bits = glyphs[cells].swapaxes(1, 2).reshape(cells.shape[0] * 16, cells.shape[1] * 9)
+    return np.ascontiguousarray(np.where(bits, fg, bg).astype(np.uint32)[:h, :w])
+
+
+@pytest.mark.parametrize("fmt", [
+    PixelFormat(32, 24, False, True, 255, 255, 255, 16, 8, 0),
+    PixelFormat(8, 8, False, True, 7, 7, 3, 0, 3, 6)], ids=["32bpp", "8bpp"])
+def test_text_screens_encode_as_tile_by_tile(fmt: PixelFormat) -> None:
+    """The two-colour fast paths (Hextile's subrectangles of every text tile at once,
+    ZRLE's palette without a sort) write the same bytes as the general ones, on
+    whole and partial tiles, with a cursor block (a third colour) here and there."""
+    rng = np.random.default_rng(7)
+    mask = (1 << fmt.depth) - 1
+    cp, _ = cpixel_layout(fmt)
+    for h, w in ((400, 720), (37, 101), (16, 16), (64, 130)):
+        values = _text_screen(rng, h, w, 0xA8A8A8 & mask, 0)
+        values[h // 2:h // 2 + 3, 5:14] = 0x00FF00 & mask  # the cursor
+        assert enc.encode_hextile(values, fmt) == _hextile_tile_by_tile(values, fmt)
+        for ty in range(0, h, 64):
+            for tx in range(0, w, 64):
+                tile = values[ty:ty + 64, tx:tx + 64]
+                n = np.unique(tile).size
+                # colours=3 where there are 2: the general path, np.unique's palette
+                general = enc._zrle_tile(tile, fmt, cp, 3 if n == 2 else n)
+                assert enc._zrle_tile(tile, fmt, cp, n) == general
+                assert enc._zrle_tile(tile, fmt, cp, 0) == general
