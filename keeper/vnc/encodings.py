@@ -188,6 +188,22 @@ class _TileStats:
 
     @classmethod
     def of(cls, tiles: np.ndarray) -> _TileStats:
+        """Tiles of at most two colours (text, UI: most of a console) are counted
+        without the sort, which the rest then costs alone."""
+        lo, hi = tiles.min(axis=1), tiles.max(axis=1)
+        n_lo = np.count_nonzero(tiles == lo[:, None], axis=1)
+        n_hi = np.count_nonzero(tiles == hi[:, None], axis=1)
+        solid = lo == hi
+        few = solid | (n_lo + n_hi == tiles.shape[1])
+        colours = np.where(solid, 1, 2)
+        commonest = np.where(n_hi > n_lo, hi, lo)  # a tie: the smaller, as np.unique's
+        if not few.all():
+            rest = cls._sorted(tiles[~few])
+            colours[~few], commonest[~few] = rest.colours, rest.commonest
+        return cls(colours, commonest)
+
+    @classmethod
+    def _sorted(cls, tiles: np.ndarray) -> _TileStats:
         n, px = tiles.shape
         ordered = np.sort(tiles, axis=1)
         new = np.ones((n, px), dtype=bool)
