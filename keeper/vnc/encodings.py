@@ -316,11 +316,18 @@ def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
             pixel[value] = values_to_bytes(np.array([value], dtype=values.dtype), fmt)
         return pixel[value]
 
+    # Python lists: the loop below indexes them once a tile, numpy scalars cost more
+    colours = stats.colours.tolist() if stats is not None else []
+    commonest = stats.commonest.tolist() if stats is not None else []
+    if mono is not None:
+        other, count, offset = mono.other.tolist(), mono.count.tolist(), mono.offset.tolist()
+    pairs = mono.pairs if mono is not None else b""
     out = bytearray()
     bg: int | None = None  # carried background, if valid
     fg: int | None = None  # carried foreground, if valid
     for ty in range(0, height, 16):
-        row = kinds[ty // 16]
+        row = kinds[ty // 16].tolist()
+        whole_row = ty + 16 <= height
         for tx in range(0, width, 16):
             kind = row[tx // 16]
             if kind == _TILE_SOLID:
@@ -333,27 +340,28 @@ def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
                     bg = first
                 continue
             known = None
-            if stats is not None and ty + 16 <= height and tx + 16 <= width:
+            if colours and whole_row and tx + 16 <= width:
                 i = ty // 16 * whole_x + tx // 16
-                known = (int(stats.colours[i]), int(stats.commonest[i]))
+                known = (colours[i], commonest[i])
                 if mono is not None and kind == 0 and known[0] == 2:
                     # what _hextile_tile writes for a two-colour tile, found beforehand
-                    tile_bg, colour, n = known[1], int(mono.other[i]), int(mono.count[i])
-                    size = 1 + 2 * n + (bpp if tile_bg != bg else 0) + (
-                        bpp if colour != fg else 0)
+                    tile_bg, colour, n = known[1], other[i], count[i]
+                    mask = _HT_ANY_SUBRECTS
+                    size = 1 + 2 * n
+                    if tile_bg != bg:
+                        mask |= _HT_BACKGROUND
+                        size += bpp
+                    if colour != fg:
+                        mask |= _HT_FOREGROUND
+                        size += bpp
                     if n <= 255 and size < 256 * bpp:
-                        mask = _HT_ANY_SUBRECTS
-                        head = bytearray()
-                        if tile_bg != bg:
-                            mask |= _HT_BACKGROUND
-                            head += colour_bytes(tile_bg)
-                        if colour != fg:
-                            mask |= _HT_FOREGROUND
-                            head += colour_bytes(colour)
                         out.append(mask)
-                        out += head
+                        if mask & _HT_BACKGROUND:
+                            out += colour_bytes(tile_bg)
+                        if mask & _HT_FOREGROUND:
+                            out += colour_bytes(colour)
                         out.append(n)
-                        out += mono.pairs[mono.offset[i]:mono.offset[i + 1]]
+                        out += pairs[offset[i]:offset[i + 1]]
                         bg, fg = tile_bg, colour
                         continue
             coded = None if kind == _TILE_RAW else _hextile_tile(values, runs, tx, ty, fmt,
