@@ -85,8 +85,12 @@ def check(ckpt: DomrCheckpoint) -> None:
         records += [(f"web.sessions[{i}]", s.tcp) for i, s in enumerate(ckpt.web.sessions)]
     if len(records) > MAX_SESSIONS:
         raise CheckpointError(f"{len(records)} sessions, more than {MAX_SESSIONS}")
+    peers: dict[str, str | None] = {}  # a client's address, checked once (1,000 of
+    # a Domain R's sockets often share a handful)
     for where, rec in records:
-        why = _tcp_problem(rec, ckpt.ip)
+        if rec.peer_addr not in peers:
+            peers[rec.peer_addr] = _peer_problem(rec.peer_addr, ckpt.ip)
+        why = peers[rec.peer_addr] or _tcp_problem(rec, ckpt.ip)
         if why is not None:
             raise CheckpointError(f"{where}.tcp ({rec.describe()}): {why}")
         key = (rec.peer_addr, rec.peer_port, rec.local_port)
@@ -95,17 +99,22 @@ def check(ckpt: DomrCheckpoint) -> None:
         seen.add(key)
 
 
+def _peer_problem(addr: str, ip: str) -> str | None:
+    try:
+        peer = ipaddress.IPv4Address(addr)
+    except ValueError:
+        return f"peer address {addr!r} is not an IPv4 address"
+    if peer.is_unspecified or peer.is_multicast or str(peer) == ip:
+        return f"peer address {peer} cannot be a TCP peer"
+    return None
+
+
 def _tcp_problem(rec: TcpRepairRecord, ip: str) -> str | None:
+    """What `_peer_problem` does not check (the caller does, once an address)."""
     if rec.family != socket.AF_INET:
         return f"address family {rec.family}, not IPv4"
     if rec.local_addr != ip:
         return f"local address {rec.local_addr} is not this Domain R's ({ip})"
-    try:
-        peer = ipaddress.IPv4Address(rec.peer_addr)
-    except ValueError:
-        return f"peer address {rec.peer_addr!r} is not an IPv4 address"
-    if peer.is_unspecified or peer.is_multicast or str(peer) == ip:
-        return f"peer address {peer} cannot be a TCP peer"
     for name in ("local_port", "peer_port"):
         if not 0 < getattr(rec, name) < 65536:
             return f"{name} {getattr(rec, name)} is not a port"
