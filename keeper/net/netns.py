@@ -221,13 +221,14 @@ class LinkSwitch:
     this switch, which also serialises them on the one socket.
 
     Up is not ready: a veth end whose carrier just came on drops what it is given
-    (its qdisc is still noop) until the kernel's linkwatch has run for it, a
-    millisecond or more later (and the bridge forwards on the port only from its
-    own end's event). Measured here: 8 of 30 datagrams sent right after the call
-    were lost, 0 of 30 once both ends said operstate UP; a lost first segment of
-    a restored socket waits for its first RTO, 1 s. So `set(..., up=True,
-    peer=(ns, ifname))` returns when both ends are operationally up (RTM_GETLINK
-    takes the lock linkwatch holds, so UP there means done)."""
+    (its qdisc is still noop) until the kernel's linkwatch has run for it (and the
+    bridge forwards on the port only from its own end's event). Measured here: 8 of
+    30 datagrams sent right after the call were lost, 0 of 30 once both ends said
+    operstate UP; a lost first segment of a restored socket waits for its first
+    RTO, 1 s. So `set(..., up=True, peer=(ns, ifname))` returns when both ends are
+    operationally up. It asks (RTM_GETLINK, every 0.2 ms) rather than listens: asked,
+    the far end was UP 2-3 ms after the call in 10 of 10 trials; listened for (a
+    socket bound to RTMGRP_LINK), 0.55-0.92 s in 9 of 10, linkwatch's batching."""
 
     PEER_TIMEOUT = 0.5
 
