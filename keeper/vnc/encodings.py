@@ -179,12 +179,14 @@ def _tiles(a: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(slots=True)
 class _TileStats:
-    """Per whole tile, from one sort of every tile at once: its number of colours and
-    its most frequent colour (the smallest of the most frequent, as np.unique's
-    argmax would pick)."""
+    """Per whole tile, for every tile at once: its number of colours, its most
+    frequent colour (the smallest of the most frequent, as np.unique's argmax would
+    pick), and its smallest and largest colour (a two-colour tile's pair)."""
 
     colours: np.ndarray  # (tiles,)
     commonest: np.ndarray  # (tiles,)
+    lo: np.ndarray  # (tiles,)
+    hi: np.ndarray  # (tiles,)
 
     @classmethod
     def of(cls, tiles: np.ndarray) -> _TileStats:
@@ -200,7 +202,7 @@ class _TileStats:
         if not few.all():
             rest = cls._sorted(tiles[~few])
             colours[~few], commonest[~few] = rest.colours, rest.commonest
-        return cls(colours, commonest)
+        return cls(colours, commonest, lo, hi)
 
     @classmethod
     def _sorted(cls, tiles: np.ndarray) -> _TileStats:
@@ -212,7 +214,8 @@ class _TileStats:
         counts = np.bincount((np.arange(n)[:, None] * px + run).ravel(),
                              minlength=n * px).reshape(n, px)
         first = np.argmax(run == np.argmax(counts, axis=1)[:, None], axis=1)
-        return cls(new.sum(axis=1), ordered[np.arange(n), first])
+        return cls(new.sum(axis=1), ordered[np.arange(n), first], ordered[:, 0],
+                   ordered[:, -1])
 
 
 def _colour_counts(tiles: np.ndarray) -> np.ndarray:
@@ -247,7 +250,7 @@ def _hextile_kinds(values: np.ndarray, runs: _Runs,
                                np.where(raw, _TILE_RAW, 0)).reshape(ny, nx)
     mono = None
     if np.any((stats.colours == 2) & ~raw):
-        mono = _MonoTiles.of(values, runs, stats, tiles, ny, nx)
+        mono = _MonoTiles.of(values, runs, stats, ny, nx)
     return kinds, stats, mono
 
 
@@ -265,8 +268,8 @@ class _MonoTiles:
     other: np.ndarray  # (tiles,) the foreground colour
 
     @classmethod
-    def of(cls, values: np.ndarray, runs: _Runs, stats: _TileStats, tiles: np.ndarray,
-           ny: int, nx: int) -> _MonoTiles:
+    def of(cls, values: np.ndarray, runs: _Runs, stats: _TileStats, ny: int,
+           nx: int) -> _MonoTiles:
         height, width = ny * 16, nx * 16
 
         def per_pixel(a: np.ndarray) -> np.ndarray:
@@ -294,8 +297,8 @@ class _MonoTiles:
         count = np.bincount(tile, minlength=ny * nx)
         offset = np.zeros(ny * nx + 1, dtype=np.int64)
         np.cumsum(count * 2, out=offset[1:])
-        hi, lo = tiles.max(axis=1), tiles.min(axis=1)
-        return cls(count, offset, pairs.tobytes(), np.where(hi == stats.commonest, lo, hi))
+        other = np.where(stats.hi == stats.commonest, stats.lo, stats.hi)
+        return cls(count, offset, pairs.tobytes(), other)
 
 
 def encode_hextile(values: np.ndarray, fmt: PixelFormat) -> bytes:
