@@ -27,6 +27,7 @@ from keeper.arp.garp import DEFAULT_SCHEDULE_MS
 from keeper.console.raw import RawSession
 from keeper.console.service import EchoDevice, RawConsole, RawConsoleCheckpoint
 from keeper.domr import checkpoint as ck
+from keeper.domr.collector import collector_paused
 from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
 from keeper.domr.services import ConsoleFed, Service
@@ -267,40 +268,41 @@ class DomainR:
 
     def checkpoint(self) -> bytes:
         """Dump every session (the link must already be down). Sockets stay in repair mode."""
-        self._require(Phase.QUIESCED)
-        t0 = time.perf_counter()
-        parts, by_rms = {}, {}
-        for svc in self.services:
-            before = len(self.left_behind)
-            w, c = time.perf_counter(), time.thread_time()
-            parts[svc.name] = part = svc.checkpoint(self.left_behind)
-            by_rms[svc.name] = {
-                "moved": len(part.sessions), "keys_held": _keys_held(part),
-                "left_behind": len(self.left_behind) - before
-                + self._left_at_quiesce.get(svc.name, 0),
-                # where a dump's time goes, per service: wall, and this thread's CPU
-                # (on a loaded machine the two differ several times over)
-                "dump_ms": round((time.perf_counter() - w) * 1e3, 3),
-                "dump_cpu_ms": round((time.thread_time() - c) * 1e3, 3)}
-        console = parts["console"]
-        blob = ck.encode(
-            ck.DomrCheckpoint(
-                name=self.name, ip=self.ip, mac=self.mac, console=console,
-                left_behind=list(self.left_behind),
-                device=self.device.state if isinstance(self.device, ConsoleBackend) else None,
-                ssh=parts.get("ssh"),
-                display=self.display.state if isinstance(self.display, DisplayBackend)
-                else None,
-                vnc=parts.get("vnc"), web=parts.get("web"), qemu_guest=self._qemu_guest(),
+        with collector_paused():
+            self._require(Phase.QUIESCED)
+            t0 = time.perf_counter()
+            parts, by_rms = {}, {}
+            for svc in self.services:
+                before = len(self.left_behind)
+                w, c = time.perf_counter(), time.thread_time()
+                parts[svc.name] = part = svc.checkpoint(self.left_behind)
+                by_rms[svc.name] = {
+                    "moved": len(part.sessions), "keys_held": _keys_held(part),
+                    "left_behind": len(self.left_behind) - before
+                    + self._left_at_quiesce.get(svc.name, 0),
+                    # where a dump's time goes, per service: wall, and this thread's CPU
+                    # (on a loaded machine the two differ several times over)
+                    "dump_ms": round((time.perf_counter() - w) * 1e3, 3),
+                    "dump_cpu_ms": round((time.thread_time() - c) * 1e3, 3)}
+            console = parts["console"]
+            blob = ck.encode(
+                ck.DomrCheckpoint(
+                    name=self.name, ip=self.ip, mac=self.mac, console=console,
+                    left_behind=list(self.left_behind),
+                    device=self.device.state if isinstance(self.device, ConsoleBackend) else None,
+                    ssh=parts.get("ssh"),
+                    display=self.display.state if isinstance(self.display, DisplayBackend)
+                    else None,
+                    vnc=parts.get("vnc"), web=parts.get("web"), qemu_guest=self._qemu_guest(),
+                )
             )
-        )
-        self.last_move = MoveStats(
-            sessions=len(console.sessions), bytes=len(blob),
-            dump_ms=(time.perf_counter() - t0) * 1e3,
-            queued_in=console.queued_in, queued_out=console.queued_out, by_rms=by_rms,
-        )
-        self.phase = Phase.DUMPED
-        return blob
+            self.last_move = MoveStats(
+                sessions=len(console.sessions), bytes=len(blob),
+                dump_ms=(time.perf_counter() - t0) * 1e3,
+                queued_in=console.queued_in, queued_out=console.queued_out, by_rms=by_rms,
+            )
+            self.phase = Phase.DUMPED
+            return blob
 
     def abort(self) -> None:
         """Roll back: take the sockets out of repair mode and serve again, here."""
@@ -328,47 +330,48 @@ class DomainR:
     async def restore(self, blob: bytes) -> MoveStats:
         """Bring sessions back from a checkpoint (link still down, sockets in repair).
         A QEMU guest's links are made to the QEMU on this host (S7, before `cont`)."""
-        self._require(Phase.EMPTY)
-        t0 = time.perf_counter()
-        doc = ck.decode(blob)
-        if (doc.name, doc.ip, doc.mac) != (self.name, self.ip, self.mac):
-            raise KeeperError(
-                f"checkpoint is for {doc.name} {doc.ip} {doc.mac}, this is "
-                f"{self.name} {self.ip} {self.mac}"
+        with collector_paused():
+            self._require(Phase.EMPTY)
+            t0 = time.perf_counter()
+            doc = ck.decode(blob)
+            if (doc.name, doc.ip, doc.mac) != (self.name, self.ip, self.mac):
+                raise KeeperError(
+                    f"checkpoint is for {doc.name} {doc.ip} {doc.mac}, this is "
+                    f"{self.name} {self.ip} {self.mac}"
+                )
+            guest_console = doc.device is not None or doc.qemu_guest is not None
+            if guest_console == isinstance(self.device, EchoDevice):
+                raise KeeperError("checkpoint and this Domain R disagree about the guest console")
+            if doc.device is not None:
+                if not isinstance(self.device, ConsoleBackend):
+                    raise KeeperError("a simulated guest's checkpoint, but this Domain R has "
+                                      "no hypercall channel")
+                self.device.reconnect(doc.device)  # S7: the same pages, the same port
+            if doc.qemu_guest is not None:
+                if not isinstance(self.device, ChardevConsole):
+                    raise KeeperError("a QEMU guest's checkpoint, but this Domain R has no "
+                                      "device channel")
+                self.device.reconnect(ChardevState(guest=doc.qemu_guest))
+                if isinstance(self.display, QemuDisplay):
+                    await self.display.reconnect(QemuDisplayState(guest=doc.qemu_guest))
+            if doc.ssh is not None and self.ssh is None:
+                # the same host key: the client sees no change; bound before its sockets
+                # are restored on its port
+                self._add_ssh(doc.ssh.config).bind()
+            if doc.display is not None and isinstance(self.display, DisplayBackend):
+                self.display.reconnect(doc.display)
+            parts = {"console": doc.console, "ssh": doc.ssh, "vnc": doc.vnc, "web": doc.web}
+            for svc in self.services:
+                part = parts[svc.name]
+                if part is not None:
+                    svc.restore(part)
+            self.left_behind = doc.left_behind
+            self.last_move = MoveStats(
+                sessions=len(doc.console.sessions), bytes=len(blob),
+                restore_ms=(time.perf_counter() - t0) * 1e3,
             )
-        guest_console = doc.device is not None or doc.qemu_guest is not None
-        if guest_console == isinstance(self.device, EchoDevice):
-            raise KeeperError("checkpoint and this Domain R disagree about the guest console")
-        if doc.device is not None:
-            if not isinstance(self.device, ConsoleBackend):
-                raise KeeperError("a simulated guest's checkpoint, but this Domain R has "
-                                  "no hypercall channel")
-            self.device.reconnect(doc.device)  # S7: the same pages, the same port
-        if doc.qemu_guest is not None:
-            if not isinstance(self.device, ChardevConsole):
-                raise KeeperError("a QEMU guest's checkpoint, but this Domain R has no "
-                                  "device channel")
-            self.device.reconnect(ChardevState(guest=doc.qemu_guest))
-            if isinstance(self.display, QemuDisplay):
-                await self.display.reconnect(QemuDisplayState(guest=doc.qemu_guest))
-        if doc.ssh is not None and self.ssh is None:
-            # the same host key: the client sees no change; bound before its sockets
-            # are restored on its port
-            self._add_ssh(doc.ssh.config).bind()
-        if doc.display is not None and isinstance(self.display, DisplayBackend):
-            self.display.reconnect(doc.display)
-        parts = {"console": doc.console, "ssh": doc.ssh, "vnc": doc.vnc, "web": doc.web}
-        for svc in self.services:
-            part = parts[svc.name]
-            if part is not None:
-                svc.restore(part)
-        self.left_behind = doc.left_behind
-        self.last_move = MoveStats(
-            sessions=len(doc.console.sessions), bytes=len(blob),
-            restore_ms=(time.perf_counter() - t0) * 1e3,
-        )
-        self.phase = Phase.RESTORED
-        return self.last_move
+            self.phase = Phase.RESTORED
+            return self.last_move
 
     async def resume(self, *, fail_prepare_after: int | None = None,
                      fail_after: int | None = None) -> list[str]:
@@ -383,26 +386,28 @@ class DomainR:
         reconnect) and the others serve on. Returns those failures, one line each.
         `fail_prepare_after` and `fail_after` are drills: fail after that many
         services prepared, resp. resumed."""
-        self._require(Phase.RESTORED)
-        for done, svc in enumerate(self.services):
-            if fail_prepare_after is not None and done >= fail_prepare_after:
-                raise KeeperError(f"fault drill: preparing the resume failed after {done} "
-                                  f"services ({', '.join(s.name for s in self.services[:done])})")
-            await svc.prepare_resume()
-        # A task: it goes on the wire at our first wait, after the raw console's probes.
-        self._announce()
-        failed: list[str] = []
-        for done, svc in enumerate(self.services):
-            try:
-                if fail_after is not None and done >= fail_after:
-                    raise KeeperError(f"fault drill: resume failed after {done} services")
-                await svc.resume()
-            except Exception as exc:  # past the point of no return: forward, not back
-                log.error("%s did not resume, its sessions end: %s", svc.name, exc)
-                failed.append(f"{svc.name}: {exc}")
-                svc.abandon()
-        self.start()
-        return failed
+        with collector_paused():
+            self._require(Phase.RESTORED)
+            for done, svc in enumerate(self.services):
+                if fail_prepare_after is not None and done >= fail_prepare_after:
+                    names = ", ".join(s.name for s in self.services[:done])
+                    raise KeeperError(f"fault drill: preparing the resume failed after "
+                                      f"{done} services ({names})")
+                await svc.prepare_resume()
+            # A task: it goes on the wire at our first wait, after the raw console's probes.
+            self._announce()
+            failed: list[str] = []
+            for done, svc in enumerate(self.services):
+                try:
+                    if fail_after is not None and done >= fail_after:
+                        raise KeeperError(f"fault drill: resume failed after {done} services")
+                    await svc.resume()
+                except Exception as exc:  # past the point of no return: forward, not back
+                    log.error("%s did not resume, its sessions end: %s", svc.name, exc)
+                    failed.append(f"{svc.name}: {exc}")
+                    svc.abandon()
+            self.start()
+            return failed
 
     async def announce_now(self) -> None:
         if self._announcer is not None:
