@@ -1,9 +1,17 @@
 """One versioned serialiser for everything that goes into a checkpoint.
 
 State is plain data: dataclasses of ints, bytes, str, bools, enums, lists, dicts and
-nested dataclasses. `dumps` tags the payload with a kind and a format version;
-`loads` refuses anything else. msgpack keeps bytes as bytes (no base64) and is fast
-enough for megabytes of queued session data.
+nested dataclasses. `dumps` tags the payload with a kind, a format version and the
+layout of its type; `loads` refuses anything else. msgpack keeps bytes as bytes (no
+base64) and is fast enough for megabytes of queued session data.
+
+A dataclass travels as the list of its fields' values, in their order: no field
+names in the record. A Domain R checkpoint of 1,000 sessions is then 0.79 MB instead
+of 1.25, and encoding plus decoding it takes about a third of the time (measured,
+the part of a move's pause that is ours). The names are not lost: they come from the
+type, and the record carries `layout`, a digest of every dataclass it holds (fields,
+order, types), so a record from a keeper whose types differ is refused as such
+instead of being read into the wrong fields.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import hashlib
+import operator
 import types
 import typing
 from typing import Any, TypeVar
@@ -19,25 +29,46 @@ import msgpack
 
 from keeper.errors import CheckpointError
 
-FORMAT = 1
+FORMAT = 2  # 2: dataclasses as lists of field values, and a layout digest
 T = TypeVar("T")
 
 
 def to_plain(obj: Any) -> Any:
-    """Dataclasses → dicts, enums → values, tuples → lists; everything else as is."""
+    """Dataclasses → lists of their field values, enums → values, tuples → lists;
+    everything else as is."""
     kind = type(obj)
     if kind in _SCALARS:
         return obj
+    try:
+        encode = _encoders[kind]
+    except KeyError:
+        encode = _encoders[kind] = _make_encoder(kind)
+    return encode(obj)
+
+
+_encoders: dict[type, typing.Callable[[Any], Any]] = {}
+
+
+def _make_encoder(kind: type) -> typing.Callable[[Any], Any]:
+    """How to flatten one type, worked out once (a checkpoint holds thousands of
+    objects of a few types; one attrgetter call reads all of a record's fields)."""
+    scalars = _SCALARS
     names = _field_names(kind)
     if names is not None:
-        return {name: to_plain(getattr(obj, name)) for name in names}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, list | tuple):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    return obj
+        if not names:
+            return lambda obj: []
+        if len(names) == 1:
+            one = operator.attrgetter(names[0])
+            return lambda obj: [to_plain(one(obj))]
+        every = operator.attrgetter(*names)
+        return lambda obj: [v if type(v) in scalars else to_plain(v) for v in every(obj)]
+    if issubclass(kind, enum.Enum):
+        return lambda obj: obj.value
+    if issubclass(kind, list | tuple):
+        return lambda obj: [v if type(v) in scalars else to_plain(v) for v in obj]
+    if issubclass(kind, dict):
+        return lambda obj: {k: to_plain(v) for k, v in obj.items()}
+    return lambda obj: obj
 
 
 def from_plain(cls: Any, data: Any) -> Any:
@@ -99,10 +130,43 @@ _converters: dict[Any, Convert | None] = {}
 
 
 def prepare(cls: Any) -> None:
-    """Work out now what rebuilding `cls` takes (its types' hints and fields): a
-    restoring Domain R does it while it waits, not in the pause (profiled: ~30 ms for
-    a Domain R checkpoint on a loaded machine, paid at the first decode)."""
+    """Work out now what writing and rebuilding `cls` take (its types' hints, fields
+    and layout): a Domain R does it when it starts, not in the pause (profiled: ~30 ms
+    for a Domain R checkpoint on a loaded machine, paid at the first decode)."""
     _converter(cls)
+    layout(cls)
+
+
+@functools.cache
+def layout(cls: Any) -> str:
+    """A digest of the shape of `cls`: every dataclass and enum reachable from it, its
+    fields in order and their types. Two keepers read each other's records only if
+    they agree on it (records are positional)."""
+    parts: list[str] = []
+    seen: set[Any] = set()
+
+    def walk(t: Any) -> None:
+        if typing.get_origin(t) is not None:
+            for arg in typing.get_args(t):
+                walk(arg)
+            return
+        if not isinstance(t, type) or t in seen:
+            return
+        seen.add(t)
+        if dataclasses.is_dataclass(t):
+            hints = typing.get_type_hints(t)
+            fields = dataclasses.fields(t)
+            parts.append(f"{t.__module__}.{t.__qualname__}("
+                         + ", ".join(f"{f.name}: {hints[f.name]!r}" for f in fields) + ")")
+            for f in fields:
+                walk(hints[f.name])
+        elif issubclass(t, enum.Enum):
+            parts.append(f"{t.__module__}.{t.__qualname__}"
+                         f"{sorted((m.name, repr(m.value)) for m in t)}")
+
+    parts.append(repr(cls))
+    walk(cls)
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
 
 
 def _converter(cls: Any) -> Convert | None:
@@ -271,42 +335,58 @@ def _exact_types(cls: Any) -> frozenset[type] | None:
 
 
 def _dataclass_converter(cls: type) -> Convert:
+    """A dataclass from the list of its fields' values (to_plain's form). The
+    fields that admit exactly one scalar type (most of them: a TCP record has 25)
+    are checked together, one C-level pass over their types; the rest one by one."""
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    known = frozenset(f.name for f in fields)
-    required = frozenset(f.name for f in fields if f.init and f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING)
-    exact = {f.name: t for f in fields if (t := _exact_types(hints[f.name])) is not None}
-    convs = {f.name: c for f in fields
-             if f.name not in exact and (c := _converter(hints[f.name])) is not None}
+    n, names = len(fields), [f.name for f in fields]
+    one: list[tuple[int, type]] = []  # (position, the one type it admits)
+    some: list[tuple[int, frozenset[type]]] = []  # several scalar types (int | None)
+    convs: list[tuple[int, Convert]] = []  # nested: their own converter
+    for i, f in enumerate(fields):
+        exact = _exact_types(hints[f.name])
+        if exact is not None and len(exact) == 1:
+            one.append((i, next(iter(exact))))
+        elif exact is not None:
+            some.append((i, exact))
+        elif (c := _converter(hints[f.name])) is not None:
+            convs.append((i, c))
+    want = tuple(t for _, t in one)
+    if len(one) > 1:
+        pick = operator.itemgetter(*(i for i, _ in one))
+    else:
+        pick = (lambda data: (data[one[0][0]],)) if one else (lambda data: ())
+
+    def bad_field(i: int, reason: str) -> _Bad:
+        exc = _Bad(reason)
+        exc.path.append(f".{names[i]}")
+        return exc
 
     def convert(data: Any) -> Any:
-        if not isinstance(data, dict):
-            raise _Bad(f"expected a {cls.__name__} (a map), got {_kind(data)}")
-        names = data.keys()
-        if not names <= known:
-            raise _Bad(f"unknown fields {sorted(map(str, names - known))} in {cls.__name__}")
-        if not required <= names:
-            raise _Bad(f"missing fields {sorted(required - names)} of {cls.__name__}")
-        out = dict(data)
-        for k, v in data.items():
-            allowed = exact.get(k)
-            if allowed is not None:
-                if type(v) not in allowed:
-                    exc = _Bad(f"expected {_type_name(hints[k])}, got {_kind(v)}")
-                    exc.path.append(f".{k}")
-                    raise exc
-                continue
-            c = convs.get(k)
-            if c is None:
-                continue
-            try:
-                out[k] = c(v)
-            except _Bad as exc:
-                exc.path.append(f".{k}")
-                raise
+        if type(data) is not list and type(data) is not tuple:
+            raise _Bad(f"expected a {cls.__name__} (a list of its {n} fields), "
+                       f"got {_kind(data)}")
+        if len(data) != n:
+            raise _Bad(f"expected the {n} fields of {cls.__name__}, got {len(data)}")
+        if tuple(map(type, pick(data))) != want:
+            for (i, t), v in zip(one, pick(data), strict=True):
+                if type(v) is not t:
+                    raise bad_field(i, f"expected {_type_name(t)}, got {_kind(v)}")
+        for i, allowed in some:
+            if type(data[i]) not in allowed:
+                raise bad_field(i, f"expected {_type_name(hints[names[i]])}, "
+                                   f"got {_kind(data[i])}")
+        if convs:
+            data = list(data)
+            for i, c in convs:
+                try:
+                    data[i] = c(data[i])
+                except _Bad as exc:
+                    exc.path.append(f".{names[i]}")
+                    raise
         try:
-            return cls(**out)
+            return cls(*data)
         except (TypeError, ValueError) as exc:  # a __post_init__ that refuses
             raise _Bad(f"{cls.__name__}: {exc}") from None
 
@@ -315,7 +395,8 @@ def _dataclass_converter(cls: type) -> Convert:
 
 def dumps(kind: str, obj: Any) -> bytes:
     return msgpack.packb(
-        {"format": FORMAT, "kind": kind, "body": to_plain(obj)}, use_bin_type=True
+        {"format": FORMAT, "kind": kind, "layout": layout(type(obj)), "body": to_plain(obj)},
+        use_bin_type=True,
     )
 
 
@@ -338,5 +419,9 @@ def loads(kind: str, blob: bytes, cls: type[T] | None = None, *,
         )
     if "body" not in doc:
         raise CheckpointError(f"{kind}: a record without a body")
+    if cls is not None and doc.get("layout") != layout(cls):
+        raise CheckpointError(
+            f"{kind}: written for another layout of {getattr(cls, '__name__', cls)} "
+            f"({doc.get('layout')!r}, here {layout(cls)!r}): a keeper of another version?")
     body = doc["body"]
     return from_plain(cls, body) if cls is not None else body

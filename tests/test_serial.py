@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 
 from keeper import serial
@@ -36,7 +37,48 @@ def test_refuses_wrong_or_damaged_records(blob: bytes) -> None:
         serial.loads("t", blob, Outer)
 
 
-def test_refuses_unknown_fields() -> None:
-    blob = serial.dumps("t", {"data": b"", "n": 1, "extra": 2})
-    with pytest.raises(CheckpointError, match="unknown fields"):
-        serial.loads("t", blob, Inner)
+def forged(kind: str, cls: type, body: object) -> bytes:
+    """A record that claims the right kind, format and layout around any body."""
+    return msgpack.packb({"format": serial.FORMAT, "kind": kind, "layout": serial.layout(cls),
+                          "body": body}, use_bin_type=True)
+
+
+def test_a_dataclass_travels_as_its_field_values_in_order() -> None:
+    blob = serial.dumps("t", Outer("x", [Inner(b"ab", 7)]))
+    assert msgpack.unpackb(blob)["body"] == ["x", [[b"ab", 7]], None]
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ([b"", 1, 2], r"Inner: expected the 2 fields of Inner, got 3"),
+    ([b""], r"Inner: expected the 2 fields of Inner, got 1"),
+    ({"data": b"", "n": 1}, r"Inner: expected a Inner \(a list of its 2 fields\), got dict"),
+    ([b"", "1"], r"Inner.n: expected int, got str"),
+    ([b"", True], r"Inner.n: expected int, got bool"),
+    (["", 1], r"Inner.data: expected bytes, got str"),
+])
+def test_refuses_fields_too_many_too_few_or_of_the_wrong_type(body: object, error: str) -> None:
+    with pytest.raises(CheckpointError, match=error):
+        serial.loads("t", forged("t", Inner, body), Inner)
+
+
+def test_nested_errors_name_the_place() -> None:
+    blob = forged("t", Outer, ["x", [[b"", 1], [b"", None]], None])
+    with pytest.raises(CheckpointError, match=r"Outer.items\[1\].n: expected int, got nil"):
+        serial.loads("t", blob, Outer)
+
+
+def test_refuses_a_record_of_another_layout() -> None:
+    """Same kind, same values, but a type whose fields differ (another keeper's
+    version): refused by its layout, not read into the wrong fields."""
+
+    @dataclass
+    class Inner:  # same name, fields swapped
+        n: int
+        data: bytes
+
+    assert serial.layout(Inner) != serial.layout(globals()["Inner"])
+    blob = serial.dumps("t", Inner(7, b"ab"))
+    with pytest.raises(CheckpointError, match="written for another layout of Inner"):
+        serial.loads("t", blob, globals()["Inner"])
+    with pytest.raises(CheckpointError, match="written for another layout"):
+        serial.loads("t", serial.dumps("t", {"data": b"", "n": 1}), globals()["Inner"])

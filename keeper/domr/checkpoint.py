@@ -47,9 +47,9 @@ def encode(ckpt: DomrCheckpoint) -> bytes:
     return serial.dumps(KIND, ckpt)
 
 
-def prepare_decode() -> None:
-    """Before a checkpoint is on its way: the first `decode` then costs no more than
-    the next (keeper.serial.prepare)."""
+def prepare() -> None:
+    """When a Domain R starts: its first `encode` or `decode`, in a move's pause, then
+    costs no more than the next (keeper.serial.prepare: hints, converters, layout)."""
     serial.prepare(DomrCheckpoint)
 
 

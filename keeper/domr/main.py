@@ -117,7 +117,7 @@ def spare(args: argparse.Namespace) -> int:
 
     from keeper.domr import checkpoint, collector
 
-    checkpoint.prepare_decode()
+    checkpoint.prepare()
     collector.freeze()
     line = sys.stdin.buffer.readline()
     if not line:

@@ -160,8 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
             return 1  # the agent is already gone
     domr.prepare_announcer()
     domr.bind()
-    if args.restore:  # a twin: what decoding takes is worked out before the pause
-        ck.prepare_decode()
+    ck.prepare()  # what writing (source) or reading (twin) one takes: not in the pause
     if not args.restore:
         domr.start()
     runner = web.AppRunner(build_app(domr), access_log=None)

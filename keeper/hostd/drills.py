@@ -75,13 +75,14 @@ class Drills:
                         len(blob))
             return blob[: len(blob) // 2]
         if action == "forge":
-            import msgpack
+            from keeper import serial
+            from keeper.domr import checkpoint as ck
 
-            doc = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-            for session in doc["body"]["console"]["sessions"][:1]:
-                session["tcp"]["local_addr"] = "127.0.0.1"
+            doc = serial.loads(ck.KIND, blob, ck.DomrCheckpoint)  # not checked: as is
+            for session in doc.console.sessions[:1]:
+                session.tcp.local_addr = "127.0.0.1"
             log.warning("fault drill: a console socket of the checkpoint moved to 127.0.0.1")
-            return bytes(msgpack.packb(doc, use_bin_type=True))
+            return ck.encode(doc)
         return blob
 
     def take_cancel(self, action: str) -> bool:

@@ -25,6 +25,7 @@ import asyncssh
 
 from keeper import serial
 from keeper.console.raw import RawSession
+from keeper.errors import CheckpointError
 from keeper.ssh import policy
 from keeper.ssh.movable import MovableSession
 
@@ -70,11 +71,14 @@ class ConsoleSession(MovableSession):
     # -- moving (keeper.ssh.movable) -------------------------------------------------
 
     def export_state(self) -> dict[str, Any]:
-        return dict(serial.to_plain(self.state))
+        return {"console": serial.to_plain(self.state)}
 
     @classmethod
     def restored(cls, console: Console, app: dict[str, Any]) -> ConsoleSession:
-        return cls(console, serial.from_plain(ConsoleSessionState, app))
+        if "console" not in app:  # from_plain would take a missing state for None
+            raise CheckpointError(f"an SSH console session's state without 'console': "
+                                  f"{sorted(map(str, app))}")
+        return cls(console, serial.from_plain(ConsoleSessionState, app["console"]))
 
     def session_restored(self) -> None:
         self.console.attach(self)

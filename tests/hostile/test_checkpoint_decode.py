@@ -4,6 +4,7 @@ records with an error that says what is wrong, before anything is restored."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import msgpack
 import pytest
@@ -42,6 +43,35 @@ def body(c: ck.DomrCheckpoint) -> dict[str, object]:
     return msgpack.unpackb(ck.encode(c), raw=False)  # type: ignore[no-any-return]
 
 
+def positions(path: tuple[object, ...]) -> list[object]:
+    """A path of field names and list indices in a DomrCheckpoint, as the positions
+    it has in the record (a dataclass travels as the list of its field values)."""
+    out: list[object] = []
+    kind: object = ck.DomrCheckpoint
+    for step in path:
+        if isinstance(step, str):
+            assert dataclasses.is_dataclass(kind)
+            names = [f.name for f in dataclasses.fields(kind)]
+            out.append(names.index(step))
+            kind = typing.get_type_hints(kind)[step]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            if typing.get_origin(kind) is not list and len(args) == 1:
+                kind = args[0]  # X | None
+        else:
+            out.append(step)
+            (kind,) = typing.get_args(kind)
+    return out
+
+
+def node_at(doc: dict[str, object], path: tuple[object, ...]) -> tuple[list[object], object]:
+    """The list holding the last step of `path` in a record's body, and that step."""
+    steps = positions(path)
+    node: object = doc["body"]
+    for step in steps[:-1]:
+        node = node[step]  # type: ignore[index]
+    return node, steps[-1]  # type: ignore[return-value]
+
+
 def forge(doc: dict[str, object]) -> bytes:
     return msgpack.packb(doc, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -77,7 +107,9 @@ def test_a_queue_bigger_than_allowed_is_refused(monkeypatch: pytest.MonkeyPatch)
     (("console", "sessions", 0, "tcp", "inq"), "typed", r"\.tcp\.inq: expected bytes, got str"),
     (("console", "sessions", 0, "tcp", "sack"), 1, r"\.tcp\.sack: expected bool, got int"),
     (("console", "sessions", 0, "tcp", "mss"), None, r"\.tcp\.mss: expected int, got nil"),
-    (("console", "sessions", 0, "session"), [1, 2], r"\.session: expected a RawSession"),
+    (("console", "sessions", 0, "session"), {"id": 1},
+     r"\.session: expected a RawSession \(a list of its 6 fields\), got dict"),
+    (("console", "sessions", 0, "session"), [1, 2], r"\.session: expected the 6 fields"),
     (("console", "sessions"), {"0": 1}, r"console\.sessions: expected a list, got dict"),
     (("console",), None, r"DomrCheckpoint\.console: expected a RawConsoleCheckpoint"),
     (("left_behind",), [b"x"], r"left_behind\[0\]: expected str, got bytes"),
@@ -85,22 +117,31 @@ def test_a_queue_bigger_than_allowed_is_refused(monkeypatch: pytest.MonkeyPatch)
 def test_wrong_types_are_refused_with_the_place(path: tuple[object, ...], value: object,
                                                 error: str) -> None:
     doc = body(checkpoint())
-    node: object = doc["body"]
-    for step in path[:-1]:
-        node = node[step]  # type: ignore[index]
-    node[path[-1]] = value  # type: ignore[index]
+    node, last = node_at(doc, path)
+    node[last] = value  # type: ignore[index]
     with pytest.raises(CheckpointError, match=error):
         ck.decode(forge(doc))
 
 
-def test_missing_and_unknown_fields_are_refused() -> None:
+def test_missing_and_extra_fields_are_refused() -> None:
     doc = body(checkpoint())
-    del doc["body"]["console"]["sessions"][0]["tcp"]["peer_port"]  # type: ignore[index]
-    with pytest.raises(CheckpointError, match=r"missing fields \['peer_port'\]"):
+    node, last = node_at(doc, ("console", "sessions", 0, "tcp", "peer_port"))
+    del node[last]  # type: ignore[attr-defined]
+    with pytest.raises(CheckpointError, match=r"tcp: expected the 25 fields of TcpRepairRecord, "
+                                              r"got 24"):
         ck.decode(forge(doc))
     doc = body(checkpoint())
-    doc["body"]["console"]["sessions"][0]["tcp"]["extra"] = 1  # type: ignore[index]
-    with pytest.raises(CheckpointError, match=r"unknown fields \['extra'\]"):
+    node, _ = node_at(doc, ("console", "sessions", 0, "tcp", "peer_port"))
+    node.append(1)
+    with pytest.raises(CheckpointError, match=r"tcp: expected the 25 fields of TcpRepairRecord, "
+                                              r"got 26"):
+        ck.decode(forge(doc))
+
+
+def test_a_checkpoint_of_another_layout_is_refused() -> None:
+    doc = body(checkpoint())
+    doc["layout"] = "0123456789abcdef"
+    with pytest.raises(CheckpointError, match="written for another layout of DomrCheckpoint"):
         ck.decode(forge(doc))
 
 
@@ -169,6 +210,8 @@ def test_serial_checks_fixed_tuples_and_enums() -> None:
     assert serial.loads("v", serial.dumps("v", good), VncHostCheckpoint) == good
     for bad, error in ([["key", 30]], r"orphaned\[0\]\[0\]: expected 3 items"), \
                       ([["key", "30", 1]], r"orphaned\[0\]\[0\]\[1\]: expected int"):
-        blob = serial.dumps("v", {"sessions": [], "orphaned": [bad]})
+        blob = msgpack.packb({"format": serial.FORMAT, "kind": "v",
+                              "layout": serial.layout(VncHostCheckpoint),
+                              "body": [[], [bad]]}, use_bin_type=True)
         with pytest.raises(CheckpointError, match=error):
             serial.loads("v", blob, VncHostCheckpoint)

@@ -110,7 +110,7 @@ class EchoShellSession(movable.MovableSession):
 
     # moving
     def export_state(self) -> dict[str, Any]:
-        return serial.to_plain(self.st)
+        return {"shell": serial.to_plain(self.st)}
 
     def session_restored(self) -> None:
         self._pump()
@@ -151,7 +151,7 @@ class EchoShellSession(movable.MovableSession):
 
 
 def restore_session(app: dict[str, Any]) -> EchoShellSession:
-    return EchoShellSession(serial.from_plain(ShellSessionState, app))
+    return EchoShellSession(serial.from_plain(ShellSessionState, app["shell"]))
 
 
 class EchoServer(asyncssh.SSHServer):

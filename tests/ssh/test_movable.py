@@ -8,6 +8,7 @@ host processes (tests.ssh.helpers) or, for the in-place cases, this test's own l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ from tests.ssh.helpers import (
     EchoShellSession,
     HostProc,
     Keys,
+    ShellSessionState,
     SplitProxy,
     SshClient,
     bad_lines,
@@ -91,7 +93,8 @@ def move(src: HostProc, tmp: Path, owned: list[Any], name: str,
     stats, blob, fds = src.call("export", timeout=10)
     (fd,) = fds
     (chan,) = serial.loads(STATE_KIND, blob, movable.SshSessionState).channels
-    stats["app"] = chan.app
+    stats["app"] = dataclasses.asdict(serial.from_plain(ShellSessionState,
+                                                           chan.app["shell"]))
     try:
         dst = HostProc(tmp, config, pass_fds=(fd,), name=name)
         owned.append(dst)
