@@ -61,13 +61,20 @@ def _make_encoder(kind: type) -> typing.Callable[[Any], Any]:
             one = operator.attrgetter(names[0])
             return lambda obj: [to_plain(one(obj))]
         every = operator.attrgetter(*names)
-        return lambda obj: [v if type(v) in scalars else to_plain(v) for v in every(obj)]
+
+        def fields(obj: Any) -> list[Any]:
+            values = every(obj)
+            if set(map(type, values)) <= scalars:  # all scalars: one C-level pass
+                return list(values)
+            return [v if type(v) in scalars else to_plain(v) for v in values]
+        return fields
     if issubclass(kind, enum.Enum):
         return lambda obj: obj.value
     if issubclass(kind, list | tuple):
         return lambda obj: [v if type(v) in scalars else to_plain(v) for v in obj]
     if issubclass(kind, dict):
-        return lambda obj: {k: to_plain(v) for k, v in obj.items()}
+        return lambda obj: {k if type(k) in scalars else to_plain(k):
+                            v if type(v) in scalars else to_plain(v) for k, v in obj.items()}
     return lambda obj: obj
 
 
@@ -282,11 +289,15 @@ def _sequence_converter(cls: Any, origin: Any) -> Convert:
             return tuple(_item(i, c, v) for i, (c, v) in enumerate(zip(parts, data, strict=True)))
         return fixed
     each = _converter(args[0]) if args else None
+    same = _fast_types(args[0]) if args else None
 
     def sequence(data: Any) -> Any:
         if not isinstance(data, list | tuple):
             raise _Bad(f"expected a list, got {_kind(data)}")
-        out = data if each is None else [_item(i, each, v) for i, v in enumerate(data)]
+        if each is None or (same is not None and set(map(type, data)) <= same):
+            out = data  # scalars of the right types (one C-level pass), or anything goes
+        else:
+            out = [_item(i, each, v) for i, v in enumerate(data)]
         return tuple(out) if origin is tuple else list(out)
     return sequence
 
@@ -304,12 +315,16 @@ def _item(i: int, convert: Convert | None, v: Any) -> Any:
 def _dict_converter(cls: Any) -> Convert:
     args = typing.get_args(cls)
     key, val = (_converter(args[0]), _converter(args[1])) if args else (None, None)
+    keys, vals = (_fast_types(args[0]), _fast_types(args[1])) if args else (None, None)
 
     def mapping(data: Any) -> dict[Any, Any]:
         if not isinstance(data, dict):
             raise _Bad(f"expected a map, got {_kind(data)}")
         if key is None and val is None:
             return data
+        if (key is None or (keys is not None and set(map(type, data)) <= keys)) and \
+                (val is None or (vals is not None and set(map(type, data.values())) <= vals)):
+            return dict(data)  # scalar keys and values of the right types: checked in C
         out = {}
         for k, v in data.items():
             try:
@@ -332,6 +347,14 @@ def _exact_types(cls: Any) -> frozenset[type] | None:
     if float in out:
         out.add(int)
     return frozenset(out)
+
+
+def _fast_types(cls: Any) -> frozenset[type] | None:
+    """The exact types of a scalar (or optional scalar) item that needs no conversion
+    (float does: an int becomes a float), so that a container of thousands of them is
+    checked by the set of its items' types."""
+    exact = _exact_types(cls)
+    return None if exact is None or float in exact else exact
 
 
 def _dataclass_converter(cls: type) -> Convert:
