@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common import finish, lab, need_root, pyplot, save
+from ssh_feed import FEED_END
 
 from keeper import demo, ports
 from keeper.lab import ops
@@ -223,44 +224,41 @@ async def ssh_rate(mode: str, chars: int) -> dict[str, Any]:
 
 
 SSHD = Path("/usr/sbin/sshd")
-FEED_END = b"\r\n-- end of feed --\r\n"
 
 
 async def domr_ssh_rate(chars: int) -> dict[str, Any]:
-    """Domain R's SSH path alone: keeper's SSH service (keeper.ssh.host, asyncssh and
-    our console sessions, the same algorithms) on host a's address, fed directly
-    as Domain R's console device feeds it — a broadcast whenever every session may
-    take output, more when one drained — from a source that is never the limit (the
-    guest's `seq` output, made beforehand). The same OpenSSH client, the same path
-    as sshd's row."""
+    """Domain R's SSH path alone: keeper's SSH service in a process of its own, as
+    Domain R runs it (bench/ssh_feed.py), on host a's address, fed directly as Domain
+    R's console device feeds it from a source that is never the limit (the guest's
+    `seq` output, made beforehand). The same OpenSSH client, the same path as sshd's
+    row."""
     import asyncssh
-
-    from keeper.net import netns
-    from keeper.ssh.host import SshConfig, SshHost
 
     async with lab("tf") as spec:
         host = spec.hosts[0]
         work = spec.rundir / "feed"
         work.mkdir(mode=0o700)
-        # the guest's `seq` output (CR LF), at least `chars` of it
-        data = b"".join(b"%d\r\n" % i for i in range(1, seq_last(chars) + 2)) + FEED_END
-        cfg = SshConfig(
-            host_key=asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode(),
-            authorized_keys=(spec.ssh_dir / "authorized_keys").read_text())
-        drained = asyncio.Event()
-        ssh = SshHost(cfg, host.mgmt_ip, on_input=lambda session: None,
-                      on_drained=drained.set, port=2223)
-        with netns.entered(host.ns):
-            ssh.bind()
-        ssh.start()
+        key = work / "host_key"
+        key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+        key.chmod(0o600)
+        feeder = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("ssh_feed.py")),
+            "--netns", host.ns, "--ip", host.mgmt_ip, "--port", "2223",
+            "--host-key", str(key), "--authorized-keys", str(spec.ssh_dir / "authorized_keys"),
+            "--last", str(seq_last(chars) + 1),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert feeder.stdin is not None and feeder.stdout is not None
         try:
+            bound = await asyncio.wait_for(feeder.stdout.readline(), 30)
+            if bound.strip() != b"bound":
+                raise RuntimeError(f"bench/ssh_feed.py did not start: {bound!r}")
             link = await SshLink.start(spec.client_ns, host.mgmt_ip, port=2223,
                                        key=spec.ssh_dir / "id_ed25519", workdir=work,
                                        known_hosts=work / "known_hosts")
             await link.wait_connected()
-            while not ssh.sessions:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)  # the login settles
+            ready = await asyncio.wait_for(feeder.stdout.readline(), 30)
+            if ready.strip() != b"ready":
+                raise RuntimeError(f"bench/ssh_feed.py saw no login: {ready!r}")
             got = bytearray()
 
             async def read() -> None:
@@ -269,18 +267,18 @@ async def domr_ssh_rate(chars: int) -> dict[str, Any]:
 
             reader = asyncio.create_task(read())
             t0 = time.monotonic()
-            chunk = 16384  # what the console device hands out at once, at most
-            for at in range(0, len(data), chunk):
-                while not ssh.may_output():
-                    drained.clear()
-                    await drained.wait()
-                ssh.broadcast(data[at:at + chunk])
-                await asyncio.sleep(0)
+            feeder.stdin.write(b"go\n")
             await reader
             elapsed = time.monotonic() - t0
             link.close()
         finally:
-            await ssh.close()
+            with contextlib.suppress(OSError):
+                feeder.stdin.close()
+            try:
+                await asyncio.wait_for(feeder.wait(), 10)
+            except TimeoutError:
+                feeder.kill()
+                await feeder.wait()
     n = len(got) - len(FEED_END)
     return {"mode": "domain-r-fed", "what": "ssh", "chars": n, "seconds": elapsed,
             "chars_per_s": n / elapsed}
