@@ -294,6 +294,12 @@ class SshHost:
                 self.servers.discard(srv)
                 continue
             srv.conn = conn
+            # One keepalive at once: the client's answer comes after anything it sent
+            # in the blackout, so a packet lost there (a key, an Enter it now waits
+            # on) is a gap our ACK tells its TCP of (SACK), resent at once instead of
+            # at its loss-probe timer, 200 ms and more for a lone segment (measured:
+            # the SSH pause's tail in bench/downtime.py). One small packet each way.
+            movable.probe(conn)
             task = asyncio.create_task(self._watch(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -896,6 +896,12 @@ def _attach(conn: SSHServerConnection, transport: asyncio.Transport, st: SshSess
         chan._flush_send_buf()  # output the application wrote while frozen
 
 
+def probe(conn: SSHServerConnection) -> None:
+    """Send one keepalive request now, as asyncssh's keepalive timer does (the reply
+    resets its count; a move meanwhile carries it as a reply still owed)."""
+    conn.create_task(conn._make_keepalive_request())
+
+
 async def _keepalive_reply(conn: SSHServerConnection, waiter: asyncio.Future) -> None:
     """The rest of a keepalive request the old process sent (_make_keepalive_request)."""
     await waiter
