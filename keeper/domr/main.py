@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)
     import uvloop
 
-    from keeper.domr import collector
+    from keeper import collector
     from keeper.domr.service import serve
 
     collector.freeze()  # a spare did it while it waited: then this is nearly free
@@ -115,7 +115,8 @@ def spare(args: argparse.Namespace) -> int:
     import uvloop  # noqa: F401 (warming: what `run` imports)
     from scapy.layers.l2 import ARP, Ether  # noqa: F401 (the announcer's, the slowest)
 
-    from keeper.domr import checkpoint, collector
+    from keeper import collector
+    from keeper.domr import checkpoint
 
     checkpoint.prepare()
     collector.freeze()

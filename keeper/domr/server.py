@@ -24,10 +24,10 @@ from typing import Any
 
 from keeper import ports
 from keeper.arp.garp import DEFAULT_SCHEDULE_MS
+from keeper.collector import collector_paused
 from keeper.console.raw import RawSession
 from keeper.console.service import EchoDevice, RawConsole, RawConsoleCheckpoint
 from keeper.domr import checkpoint as ck
-from keeper.domr.collector import collector_paused
 from keeper.domr.console import ConsoleBackend
 from keeper.domr.display import DisplayBackend
 from keeper.domr.services import ConsoleFed, Service

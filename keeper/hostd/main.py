@@ -104,7 +104,9 @@ def _serve(spec: LabSpec, host: str, *, may_write: bool, metrics: Any = None,
            spare: bool = True) -> int:
     import uvloop
 
+    from keeper import collector
     from keeper.hostd.serve import serve
 
     logging.getLogger().setLevel(logging.INFO)
+    collector.freeze()  # the imports' objects: no collection in a move walks them again
     return uvloop.run(serve(spec, host, may_write=may_write, metrics=metrics, spare=spare))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from keeper.domr import collector
+from keeper import collector
 from keeper.domr.main import FD_TABLE
 
 
@@ -56,7 +56,7 @@ def test_collector_paused_leaves_a_disabled_collector_disabled() -> None:
 
 
 def test_freeze_moves_what_is_alive_out_of_every_collection() -> None:
-    code = ("import gc; from keeper.domr import collector; collector.freeze(); "
+    code = ("import gc; from keeper import collector; collector.freeze(); "
             "n = gc.get_freeze_count(); collector.freeze(); "
             "assert n > 1000 and gc.get_freeze_count() >= n; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,

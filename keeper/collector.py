@@ -2,15 +2,16 @@
 
 A dump or a restore of a thousand sessions makes some 10^5 containers (dicts, lists,
 dataclasses) in a few milliseconds: enough to trigger several collections, and a
-full one walks every object the process holds, the ~10^6 that importing asyncssh,
-aiohttp, numpy and scapy made included. Measured on a 1,000-session checkpoint in a
-warm spare Domain R: msgpack's unpack took 74 ms with the collector on, 10 ms with
-it off; the whole decode 107 ms against 26.
+full one walks every container the process holds, the ~70,000 that importing
+asyncssh, aiohttp, numpy and scapy made included. Measured on a 1,000-session
+checkpoint in a warm spare Domain R: msgpack's unpack took 74 ms with the collector
+on, 10 ms with it off; the whole decode 107 ms against 26.
 
-So: `freeze` once a Domain R has imported everything (those objects live as long as
-the process; the collector then never walks them again), and `collector_paused`
-around each step of the pause (dump, restore, resume). Reference counting frees
-everything as usual in between; only cycles wait, for the collection that follows.
+So: `freeze` once a Domain R or a host agent has imported everything (those objects
+live as long as the process; the collector then never walks them again), and
+`collector_paused` around each of Domain R's steps in the pause (dump, restore,
+resume). Reference counting frees everything as usual in between; only cycles wait,
+for the collection that follows.
 """
 
 from __future__ import annotations
