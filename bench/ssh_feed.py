@@ -9,8 +9,9 @@ output, CR LF), so the source is never the limit. Its own process because Domain
 is one: in the bench's process, the server would share one thread with the bench's
 reading of the client's terminal.
 
-Protocol on stdio: prints `bound` once it listens, `ready` once a session is logged in; on a line `go` it
-feeds `--chars` characters and then FEED_END; it exits when stdin closes.
+Protocol on stdio: prints `bound` once it listens, `ready` once a session is logged
+in; on a line `go` it feeds `seq 1 LAST`'s output (`--last`) and then FEED_END; it
+exits when stdin closes.
 """
 
 from __future__ import annotations
