@@ -209,18 +209,6 @@ def _counts(journal: bytes, alphabet: bytes) -> Counter[int]:
     return Counter(b for b in journal if b in alphabet)
 
 
-async def _settle_journal(spec: Any, name: str, before: int, want: int,
-                          timeout: float = SIGN_TIMEOUT) -> bytes:
-    """The journal's bytes since `before`, once `want` more came (or the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = await ops.journal(spec, name)
-        got = doc["journal"][before:]
-        if len(got) >= want or time.monotonic() > deadline:
-            return bytes(got)
-        await asyncio.sleep(0.2)
-
-
 async def _signs(spec: Any, conns: list[Conn], name: str) -> dict[str, int]:
     """Every connection types its key (VNC: and gets its update); per RMS, how many
     keys are missing from the journal (a key lost is a connection lost)."""
@@ -234,7 +222,7 @@ async def _signs(spec: Any, conns: list[Conn], name: str) -> dict[str, int]:
 
     await asyncio.gather(*(one(c) for c in conns))
     typed = [c for c in conns if c.keys_sent > sent_before[id(c)]]
-    journal = await _settle_journal(spec, name, before, len(typed))
+    journal = await ops.settled_journal(spec, name, before, len(typed), SIGN_TIMEOUT)
     missing: dict[str, int] = {}
     for rms, alphabet in ALPHABETS.items():
         want = Counter(c.key for c in typed if c.rms == rms)

@@ -200,3 +200,16 @@ async def journal(spec: LabSpec, name: str) -> dict[str, Any]:
     doc = await call(spec, host, "GET", f"/guest/{name}/journal")
     doc["journal"] = bytes.fromhex(doc["journal"])
     return dict(doc)
+
+
+async def settled_journal(spec: LabSpec, name: str, before: int, want: int,
+                          timeout: float) -> bytes:
+    """The journal's bytes since entry `before`, once `want` of them came (or after
+    `timeout` s, as they are): the last keys may still be on their way (a resend
+    through loss, a busy guest) when the client has stopped typing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = (await journal(spec, name))["journal"][before:]
+        if len(got) >= want or time.monotonic() > deadline:
+            return bytes(got)
+        await asyncio.sleep(0.2)

@@ -148,12 +148,7 @@ async def run_wire(rms: str, percent: int, migrations: int = MIGRATIONS,
         # changes can bring while the key itself is still being resent through the
         # loss (RTO backoff): wait, up to SETTLE_S, for the journal to hold as many keys
         # as were sent. A key that never arrives is still counted lost.
-        deadline = time.monotonic() + SETTLE_S
-        while True:
-            journal = (await ops.journal(spec, GUEST))["journal"][before:]
-            if len(journal) >= len(stats.sent) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        journal = await ops.settled_journal(spec, GUEST, before, len(stats.sent), SETTLE_S)
         diff = compare(bytes(stats.sent), journal)
         doms = await serving(spec)
         pauses = [m["pause_ms"] for m in per]
